@@ -1,0 +1,97 @@
+"""CNTK backends against neural-tangents' golden values, the float64 oracle, and the kernel's properties."""
+
+import numpy as np
+import pytest
+
+from mnkpipe.kernels import cntk, scale_maps
+from mnkpipe.kernels.cntk_reference import aggregate, cntk_reference, relu_step
+
+TOL = {"reference": 1e-8, "cpu": 2e-5}
+
+
+def rel_err(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("depth", [2, 3, 5, 8])
+@pytest.mark.parametrize("head", ["gap", "vanilla"])
+def test_random12_golden(golden, backend, depth, head):
+    k = cntk(golden["random12_x"], depth=depth, gap=head == "gap", backend=backend)
+    assert rel_err(k, golden[f"random12_d{depth}_{head}"]) <= TOL[backend]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_two_channel_golden(golden, backend):
+    # neural-tangents divides the input covariance by C = 2; SPEC.md does not.
+    k = cntk(golden["random10c2_x"], depth=4, backend=backend)
+    assert rel_err(k, 2 * golden["random10c2_d4_gap"]) <= TOL[backend]
+
+
+@pytest.mark.parametrize("backend,depths", [("reference", [3]), ("cpu", [3, 10])])
+def test_omniglot_golden(golden, backend, depths):
+    for d in depths:
+        k = cntk(golden["omniglot28_x"], depth=d, backend=backend)
+        assert rel_err(k, golden[f"omniglot28_d{d}_gap"]) <= TOL[backend]
+
+
+def test_scale_maps_are_the_diagonal_of_the_full_recursion():
+    x = np.random.default_rng(0).normal(size=(2, 6, 5))
+    l = scale_maps(x[None], 4)[0]
+    s = aggregate(np.einsum("cab,cde->abde", x, x))
+    t = s.copy()
+    for h in range(3):
+        assert np.allclose(np.sqrt(np.einsum("abab->ab", s)), l[h], rtol=1e-13)
+        s, t = relu_step(s, t, l[h], l[h])
+        s, t = aggregate(s), aggregate(t)
+
+
+@pytest.mark.parametrize("gap", [True, False])
+@pytest.mark.parametrize("fix", [False, True])
+def test_cpu_matches_oracle_odd_sizes_three_channels(gap, fix):
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.normal(size=(3, 3, 7, 9)), rng.normal(size=(4, 3, 7, 9))
+    ref = cntk_reference(x1, x2, depth=4, gap=gap, fix=fix)
+    assert rel_err(cntk(x1, x2, depth=4, gap=gap, fix=fix, backend="cpu"), ref) <= 2e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_symmetric_psd_and_homogeneous(backend):
+    x = np.random.default_rng(2).normal(size=(6, 1, 8, 8))
+    k = cntk(x, depth=5, backend=backend)
+    assert np.array_equal(k, k.T)
+    assert np.linalg.eigvalsh(k).min() > -1e-6 * np.abs(k).max()
+    k3 = cntk(3.0 * x, depth=5, backend=backend)
+    assert rel_err(k3, 9.0 * k) <= TOL[backend]
+    # the cross form agrees with the symmetric form
+    assert rel_err(cntk(x[:2], x, depth=5, backend=backend), k[:2]) <= TOL[backend]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_degenerate_zero_neighbourhoods_are_defined(backend):
+    x = np.random.default_rng(3).normal(size=(3, 1, 10, 10))
+    x[:, :, :4, :] = 0.0  # zero rows: l = 0 on the first layers there, rho = 0/0 in the reference code
+    x[2] = 0.0            # an all-zero image
+    k = cntk(x, depth=4, backend=backend)
+    assert np.isfinite(k).all()
+    assert np.all(k[2] == 0) and np.all(k[:, 2] == 0)  # K(0, z) = 0: the limit rho -> 0 with o = 0
+    # the limit is continuous: a tiny perturbation of the zero rows changes K by a tiny amount
+    xe = x.copy()
+    xe[:2, :, :4, :] = 1e-7
+    assert rel_err(cntk(xe[:2], depth=4, backend=backend), k[:2, :2]) < 1e-4
+
+
+def test_bad_input_raises_with_reason():
+    good = np.zeros((2, 1, 5, 5))
+    with pytest.raises(ValueError, match="ndim=3"):
+        cntk(np.zeros((2, 5, 5)), depth=3)
+    nan = good.copy()
+    nan[1, 0, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite.*\(1, 0, 2, 3\)"):
+        cntk(nan, depth=3)
+    with pytest.raises(ValueError, match="same \\(C, H, W\\)"):
+        cntk(good, np.zeros((2, 2, 5, 5)), depth=3)
+    with pytest.raises(ValueError, match="depth"):
+        cntk(good, depth=1)
+    with pytest.raises(ValueError, match="unknown CNTK backend"):
+        cntk(good, depth=3, backend="tpu")
