@@ -1,0 +1,8 @@
+"""MAML and iMAML baselines (SPEC section 3): conv-4 net, meta-gradients, training with validation selection."""
+from .convnet import make_convnet
+from .imaml import imaml_hypergrad, imaml_inner
+from .maml import maml_inner, maml_meta_loss
+from .train import BaselineSettings, evaluate, run_baseline
+
+__all__ = ["make_convnet", "maml_inner", "maml_meta_loss", "imaml_inner", "imaml_hypergrad",
+           "BaselineSettings", "run_baseline", "evaluate"]
