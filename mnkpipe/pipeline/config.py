@@ -1,0 +1,122 @@
+"""Experiment configuration: a TOML file with [data], [tasks], [kernel] and [compute] tables."""
+
+import dataclasses
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file and key."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "omniglot"          # "omniglot" or "folder"
+    root: str = ""                     # "" -> --data or $MNKPIPE_DATA
+    train_split: str = "background"    # omniglot split, or a sub-folder of root for "folder"
+    test_split: str = "evaluation"
+    image_size: int = 28
+    pad: int = 32
+
+
+@dataclass
+class TasksConfig:
+    protocol: str = "episodes"         # "episodes" or "lake-runs" (the 20 official 20-way 1-shot runs as test tasks)
+    way: int = 5
+    shot: int = 1
+    query: int = 19
+    train_tasks: int = 8
+    test_tasks: int = 20
+    val_tasks: int = 10                # validation tasks for the baselines, from training-split classes unused by train tasks
+    train_classes: int = 0             # 0: all classes of the training split
+    val_classes: int = 50
+    seed: int = 0
+    rotations: bool = False
+
+
+@dataclass
+class KernelConfig:
+    name: str = "cntk"
+    depth: int = 20
+    gap: bool = True
+    fix: bool = False
+
+
+@dataclass
+class ComputeConfig:
+    tile_size: int = 256
+    plan: str = "mnk"                  # "mnk": only the blocks MNK needs; "full": the whole upper triangle
+    dtype: str = "float64"             # "float64" or "float32"
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "ExperimentConfig":
+        parts = {}
+        for f in dataclasses.fields(cls):
+            table = d.get(f.name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: [{f.name}] must be a table")
+            parts[f.name] = _section(f.default_factory, table, f"{where} [{f.name}]")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; expected [data], [tasks], [kernel], [compute]")
+        cfg = cls(**parts)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        checks = [
+            (self.data.dataset in ("omniglot", "folder"), "[data] dataset must be 'omniglot' or 'folder'"),
+            (self.data.image_size >= 3, "[data] image_size must be >= 3"),
+            (self.data.pad == 0 or self.data.pad >= self.data.image_size, "[data] pad must be 0 (none) or >= image_size"),
+            (self.tasks.protocol in ("episodes", "lake-runs"), "[tasks] protocol must be 'episodes' or 'lake-runs'"),
+            (self.tasks.way >= 2 and self.tasks.shot >= 1 and self.tasks.query >= 1, "[tasks] way >= 2, shot >= 1, query >= 1"),
+            (self.tasks.train_tasks >= 1 and self.tasks.test_tasks >= 1, "[tasks] train_tasks and test_tasks must be >= 1"),
+            (self.kernel.name == "cntk", "[kernel] name must be 'cntk' (the only base kernel so far)"),
+            (self.kernel.depth >= 2, "[kernel] depth must be >= 2"),
+            (self.compute.tile_size >= 1, "[compute] tile_size must be >= 1"),
+            (self.compute.plan in ("mnk", "full"), "[compute] plan must be 'mnk' or 'full'"),
+            (self.compute.dtype in ("float64", "float32"), "[compute] dtype must be 'float64' or 'float32'"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{where}: {msg}")
+
+
+def _section(factory, table: dict, where: str):
+    obj = factory()
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(names)}")
+        want = type(getattr(obj, key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key} = {value!r} should be of type {want.__name__}")
+        setattr(obj, key, value)
+    return obj
+
+
+def load_config(path) -> ExperimentConfig:
+    """Read and validate an experiment TOML file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return ExperimentConfig.from_dict(d, where=str(path))

@@ -1,0 +1,140 @@
+"""The driver: create or check the store, then dispatch its missing tiles to Ray workers and track progress."""
+
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..store import StoreError, StoreLock, create_store, describe_differences, open_store
+from .config import ExperimentConfig, load_config
+from .experiment import build_experiment
+from .plan import plan_full, plan_mnk, tile_pairs
+
+
+def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None):
+    """Create the store for cfg, or check that an existing one was made from the same config and data."""
+    store_path = Path(store_path)
+    exp = build_experiment(cfg, data)
+    if (store_path / "zarr.json").exists():
+        store = open_store(store_path, mode="r+")
+        diffs = describe_differences(store.manifest["config"], cfg.to_dict())
+        if store.manifest["fingerprint"] != exp.fingerprint():
+            diffs.append("dataset/episodes fingerprint: the images or tasks differ from those the store was made with")
+        if diffs:
+            raise StoreError(f"{store_path} was made with a different experiment; refusing to mix them (nothing was "
+                             "changed). Differences:\n  " + "\n  ".join(diffs) +
+                             "\nUse the store's own config, or a new --store path.")
+        return store
+    n, t = len(exp.images), cfg.compute.tile_size
+    if cfg.compute.plan == "full":
+        plan = plan_full(n, t)
+    else:
+        test = exp.episodes.test
+        plan = plan_mnk(n, t, exp.n_train_images, [list(s) + list(q) for s, q in zip(test.support, test.query)])
+    return create_store(store_path, exp, config=cfg.to_dict(), depth=cfg.kernel.depth, tile_size=t, plan=plan,
+                        dtype=cfg.compute.dtype)
+
+
+def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0, cpus: int | None = None,
+                   address: str | None = None, tile_size: int | None = None, progress: bool = True,
+                   break_lock: bool = False) -> dict:
+    """mnkpipe compute-kernel: prepare the store, then compute every planned Gram tile that is not done yet."""
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    if tile_size:
+        cfg.compute.tile_size = int(tile_size)
+        cfg.validate()
+    with StoreLock(store_path, command=" ".join(sys.argv), break_lock=break_lock):
+        prepare_store(cfg, store_path, data=data)
+        return run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress)
+
+
+def _start_ray(address: str | None, gpus: int, cpus: int | None):
+    import ray
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local instance; clusters set their own
+    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus or None, **kw)
+    return True
+
+
+def _make_workers(store_path, gpus: int, cpus: int | None):
+    """gpus > 0: one cupy actor per GPU; else one single-threaded CPU actor per CPU."""
+    import ray
+    from ..workers.tile import make_ray_worker
+    worker = make_ray_worker()
+    if gpus:
+        from ..kernels.cntk_cupy import available
+        total = int(ray.cluster_resources().get("GPU", 0))
+        if total < gpus:
+            raise RuntimeError(f"--gpus {gpus} asked for, but the Ray cluster has {total} GPUs")
+        if not available() and not ray.is_initialized():
+            raise RuntimeError("--gpus needs cupy and a CUDA device: pip install 'mnkpipe[gpu]'")
+        return [worker.options(num_gpus=1, num_cpus=1).remote(str(store_path), "cupy", 1) for _ in range(gpus)]
+    n = cpus or int(ray.cluster_resources().get("CPU", os.cpu_count()))
+    return [worker.options(num_cpus=1).remote(str(store_path), "cpu", 1) for _ in range(n)]
+
+
+def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None = None, address: str | None = None,
+              progress: bool = True, in_flight_per_worker: int = 2) -> dict:
+    """Dispatch the missing tiles of array `name`; at most in_flight_per_worker tiles per worker at a time."""
+    import ray
+    store = open_store(store_path, mode="r+")
+    todo = deque(store.missing_tiles(name))
+    planned = store.planned_tiles(name)
+    total_pairs = sum(tile_pairs(store, *t) for t in planned)
+    done_pairs = total_pairs - sum(tile_pairs(store, *t) for t in todo)
+    summary = {"tiles_planned": len(planned), "tiles_computed": 0, "tiles_skipped": len(planned) - len(todo),
+               "pairs_computed": 0, "seconds": 0.0, "compute_s": 0.0, "workers": {}}
+    if not todo:
+        return summary
+    if gpus:
+        from ..kernels.cntk_cupy import available
+        if not address and not available():
+            raise RuntimeError("--gpus needs cupy and a usable CUDA device (pip install 'mnkpipe[gpu]'); none found")
+    started = _start_ray(address, gpus, cpus)
+    t0 = time.time()
+    workers_seen = {}
+    try:
+        workers = _make_workers(store_path, gpus, cpus)
+        free = deque(w for w in workers for _ in range(in_flight_per_worker))
+        pending = {}
+        bar = tqdm(total=total_pairs, initial=done_pairs, unit="pair", unit_scale=True, disable=not progress,
+                   desc=f"{name} tiles", dynamic_ncols=True, smoothing=0.1)
+        last_save = 0.0
+        while todo or pending:
+            while todo and free:
+                w = free.popleft()
+                bi, bj = todo.popleft()
+                pending[w.run.remote(bi, bj, name)] = (w, (bi, bj))
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                w, tile = pending.pop(ref)
+                status = ray.get(ref)
+                free.append(w)
+                pairs = tile_pairs(store, *tile)
+                summary["tiles_computed"] += 1
+                summary["pairs_computed"] += pairs
+                summary["compute_s"] += status["compute_s"]
+                workers_seen[status["worker"]] = {"node": status["node"], "last_seen": time.time(),
+                                                  "tiles": workers_seen.get(status["worker"], {}).get("tiles", 0) + 1}
+                bar.update(pairs)
+            if time.time() - last_save > 2 or not (todo or pending):
+                last_save = time.time()
+                elapsed = last_save - t0
+                store.set_progress({"pairs_total": total_pairs, "pairs_done": bar.n, "updated": last_save,
+                                    "rate_pairs_per_s": summary["pairs_computed"] / max(elapsed, 1e-9),
+                                    "workers": workers_seen, "name": name})
+        bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+    summary["seconds"] = time.time() - t0
+    summary["workers"] = workers_seen
+    return summary

@@ -1,0 +1,98 @@
+"""Dataset -> episodes -> the image pool of one experiment (what the store holds and the Gram is computed on)."""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data import (EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
+                    load_omniglot, resolve_data_root, sample_episodes, standardise_and_pad)
+from ..data.episodes import sample_tasks
+from .config import ConfigError, ExperimentConfig
+
+
+@dataclass
+class Experiment:
+    images: np.ndarray       # (N, C, H, W) float32, standardised and padded: train-task images, then test-task images
+    val_images: np.ndarray   # images of the validation tasks (for the baselines only; not in the Gram)
+    episodes: EpisodeSet     # train/test index `images`, val indexes `val_images`
+    n_train_images: int      # images[:n_train_images] belong to training tasks
+    mean: float
+    std: float
+    paths: list[str]         # source of each pool image
+
+    def fingerprint(self) -> str:
+        """sha256 over the pool images and the episode arrays: what makes two stores the same experiment."""
+        h = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        for key, a in sorted(self.episodes.to_arrays().items()):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+def _load_split(cfg: ExperimentConfig, root: Path, split: str) -> ImageDataset:
+    if cfg.data.dataset == "omniglot":
+        return load_omniglot(root, split, image_size=cfg.data.image_size)
+    return load_image_folder(root / split, image_size=cfg.data.image_size)
+
+
+def _pool(tasks: TaskSet, start: int) -> tuple[np.ndarray, TaskSet]:
+    """Unique images of the tasks in first-use order (support, then query, task by task), and the tasks remapped."""
+    order = np.concatenate([np.concatenate([s, q]) for s, q in zip(tasks.support, tasks.query)])
+    uniq, first = np.unique(order, return_index=True)
+    used = uniq[np.argsort(first)]
+    mapping = np.full(order.max() + 1, -1, np.int64)
+    mapping[used] = start + np.arange(len(used))
+    return used, tasks.remap(mapping)
+
+
+def build_experiment(cfg: ExperimentConfig, data: str | None = None) -> Experiment:
+    """Load the data named by cfg, sample the episodes (seeded), and lay out the image pool."""
+    root = resolve_data_root(cfg.data.root or data)
+    t = cfg.tasks
+    train_ds = _load_split(cfg, root, cfg.data.train_split)
+    if t.rotations:
+        train_ds = train_ds.with_rotations()
+    val_classes = t.val_classes if t.val_tasks else 0
+    if t.protocol == "lake-runs":
+        if t.way != 20 or t.shot != 1:
+            raise ConfigError("[tasks] protocol = 'lake-runs' has 20-way 1-shot test tasks: set way = 20 and shot = 1")
+        test_ds, test = load_lake_runs(root, image_size=cfg.data.image_size)
+        ep = _lake_episodes(train_ds, test, t, val_classes)
+    else:
+        test_ds = _load_split(cfg, root, cfg.data.test_split)
+        ep = sample_episodes(train_ds, test_ds, way=t.way, shot=t.shot, query=t.query, n_train_tasks=t.train_tasks,
+                             n_test_tasks=t.test_tasks, n_val_tasks=t.val_tasks,
+                             n_train_classes=t.train_classes or None, n_val_classes=val_classes, seed=t.seed)
+    mean, std = fit_standardiser(train_ds.images)
+    prep = lambda x: standardise_and_pad(x, mean, std, cfg.data.pad or None)  # noqa: E731
+    train_used, train = _pool(ep.train, 0)
+    test_used, test = _pool(ep.test, len(train_used))
+    images = np.concatenate([prep(train_ds.images[train_used]), prep(test_ds.images[test_used])])
+    paths = [train_ds.paths[i] for i in train_used] + [test_ds.paths[i] for i in test_used]
+    val_images = np.zeros((0,) + images.shape[1:], np.float32)
+    val = None
+    if ep.val is not None and ep.val.n_tasks:
+        val_used, val = _pool(ep.val, 0)
+        val_images = prep(train_ds.images[val_used])
+    meta = dict(ep.meta, protocol=t.protocol, dataset=cfg.data.dataset)
+    episodes = EpisodeSet(way=ep.way, shot=ep.shot, query=ep.query, seed=ep.seed, train=train, test=test, val=val,
+                          meta=meta)
+    return Experiment(images=images.astype(np.float32), val_images=val_images.astype(np.float32), episodes=episodes,
+                      n_train_images=len(train_used), mean=float(mean), std=float(std), paths=paths)
+
+
+def _lake_episodes(train_ds: ImageDataset, test: TaskSet, t, val_classes: int) -> EpisodeSet:
+    """Training (and validation) tasks from the training split; the 20 official runs as test tasks."""
+    rng = np.random.default_rng(t.seed)
+    classes = rng.permutation(train_ds.n_classes)
+    val_ids, train_ids = classes[:val_classes], classes[val_classes:]
+    if t.train_classes:
+        train_ids = train_ids[: t.train_classes]
+    train = sample_tasks(train_ds.labels, train_ids, way=t.way, shot=t.shot, query=t.query, n_tasks=t.train_tasks,
+                         rng=rng)
+    val = (sample_tasks(train_ds.labels, val_ids, way=t.way, shot=t.shot, query=t.query, n_tasks=t.val_tasks, rng=rng)
+           if t.val_tasks else None)
+    return EpisodeSet(way=t.way, shot=t.shot, query=t.query, seed=t.seed, train=train, test=test, val=val,
+                      meta={"test": "lake-runs"})

@@ -1,0 +1,82 @@
+"""Compute one tile with a backend and write it to the store; the same code runs inside a Ray actor or without Ray."""
+
+import os
+import socket
+import time
+
+import numpy as np
+
+from ..store import Store, open_store
+
+
+class TileComputer:
+    """Holds an open store (and, for cupy, the images resident on the GPU) and computes tiles of it."""
+
+    def __init__(self, store_path, backend: str = "cpu", threads: int | None = None):
+        self.store = open_store(store_path, mode="r+")
+        self.backend = backend
+        k = self.store.manifest["config"]["kernel"]
+        self.depth, self.gap, self.fix = int(k["depth"]), bool(k["gap"]), bool(k["fix"])
+        if threads:
+            import numba
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        self.engine = None
+        if backend == "cupy":
+            from ..kernels.cntk_cupy import CupyCNTK
+            self.engine = CupyCNTK(self.store.images(), self.store.scales(), depth=self.depth, gap=self.gap,
+                                   fix=self.fix)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def gram_tile(self, bi: int, bj: int) -> np.ndarray:
+        """K over the rows of block bi and the columns of block bj (upper triangle mirrored on the diagonal)."""
+        s = self.store
+        r, c = s.block_range(bi), s.block_range(bj)
+        if self.engine is not None:
+            return self.engine.block(np.arange(r.start, r.stop), np.arange(c.start, c.stop), upper=bi == bj)
+        from ..kernels import cntk_block
+        x1, l1 = s.images(r), s.scales(r)
+        x2, l2 = (x1, l1) if bi == bj else (s.images(c), s.scales(c))
+        return cntk_block(x1, l1, x2, l2, depth=self.depth, gap=self.gap, fix=self.fix, upper=bi == bj,
+                          backend=self.backend)
+
+    def run(self, bi: int, bj: int, name: str = "gram") -> dict:
+        """Compute tile (bi, bj) of array `name`, write it durably with its record; return a small status."""
+        t0 = time.perf_counter()
+        if name == "gram":
+            tile = self.gram_tile(bi, bj)
+        else:
+            from ..pipeline.mnk_tiles import mnk_tile
+            tile = mnk_tile(self.store, bi, bj)
+        t1 = time.perf_counter()
+        crc = self.store.write_tile(bi, bj, tile, name=name)
+        t2 = time.perf_counter()
+        return {"tile": (bi, bj), "name": name, "crc32": crc, "compute_s": t1 - t0, "write_s": t2 - t1,
+                "worker": self.worker_id, "node": _node_id()}
+
+
+def _node_id() -> str:
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray there is no node id
+        pass
+    return socket.gethostname()
+
+
+def make_ray_worker():
+    """The Ray actor class: restarted when its process dies, and its unfinished tiles are retried."""
+    import ray
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    class TileWorker:
+        def __init__(self, store_path, backend, threads):
+            self.computer = TileComputer(store_path, backend, threads)
+
+        def run(self, bi, bj, name="gram"):
+            return self.computer.run(bi, bj, name)
+
+    return TileWorker
+
+
+__all__ = ["Store", "TileComputer", "make_ray_worker"]
