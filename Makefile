@@ -1,0 +1,34 @@
+# Quickstart targets. Each installs what it needs into .venv (torch first, pinned to the CPU build on this disk).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export MNKPIPE_DATA ?= $(abspath ../shared/data/omniglot)
+RUNS ?= runs
+
+.PHONY: install test demo bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# pytest exits 5 when it collected no test: that must fail, not pass silently.
+test: install
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+demo: install
+	$(BIN)/mnkpipe gram --n 8 --depth 10
+	$(BIN)/mnkpipe compute-kernel --config configs/smoke.toml --store $(RUNS)/smoke.zarr
+	$(BIN)/mnkpipe status $(RUNS)/smoke.zarr
+	$(BIN)/mnkpipe verify $(RUNS)/smoke.zarr
+
+bench: install
+	$(BIN)/python bench/cntk_cpu.py
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,150 @@
+"""The mnkpipe command line: thin click wrappers around the Python API."""
+
+import json
+import sys
+
+import click
+
+
+def _fail(e: Exception):
+    raise click.ClickException(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="mnkpipe")
+def main():
+    """CNTK and Meta Neural Kernel Gram matrices at scale, and meta-test evaluation with them.
+
+    \b
+    Typical flow:
+      mnkpipe compute-kernel --config configs/smoke.toml --store runs/smoke.zarr
+      mnkpipe status runs/smoke.zarr
+      mnkpipe evaluate --store runs/smoke.zarr
+    Data is found through --data or $MNKPIPE_DATA (the folder with the Omniglot zips).
+    """
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+@main.group()
+def data():
+    """Omniglot data: download it, or show what is there."""
+
+
+@data.command("info")
+@click.option("--data", "root", envvar="MNKPIPE_DATA", help="Omniglot folder (default: $MNKPIPE_DATA).")
+def data_info(root):
+    """Alphabets, characters and images per split (read from the zip listings)."""
+    from .data import DataError, omniglot_info, resolve_data_root
+    try:
+        rows = omniglot_info(resolve_data_root(root))
+    except DataError as e:
+        _fail(e)
+    click.echo(f"{'split':<22}{'alphabets':>10}{'characters':>12}{'images':>9}  source")
+    for r in rows:
+        click.echo(f"{r['split']:<22}{r['alphabets']:>10}{r['characters']:>12}{r['images']:>9}  {r.get('source', '')}")
+
+
+@data.command("download")
+@click.option("--root", envvar="MNKPIPE_DATA", required=True, help="Where to put the zips (default: $MNKPIPE_DATA).")
+def data_download(root):
+    """Fetch the official Omniglot zips from the dataset's public GitHub location."""
+    from .data import DataError, download_omniglot
+    try:
+        for p in download_omniglot(root):
+            click.echo(str(p))
+    except DataError as e:
+        _fail(e)
+
+
+# -- kernel ------------------------------------------------------------------------------------------------------
+@main.command("gram")
+@click.option("--data", envvar="MNKPIPE_DATA", help="Omniglot folder (default: $MNKPIPE_DATA).")
+@click.option("--n", default=8, show_default=True, help="Number of evaluation-split images.")
+@click.option("--depth", default=10, show_default=True, help="CNTK depth (depth - 1 conv layers).")
+@click.option("--size", default=28, show_default=True, help="Image size after resizing (then padded by 4).")
+@click.option("--backend", default="auto", show_default=True, help="auto, cpu, reference or cupy.")
+def gram_cmd(data, n, depth, size, backend):
+    """Print the CNTK Gram of a few real Omniglot images, with its timing: a quick look at the kernel."""
+    from .pipeline.quicklook import omniglot_gram
+    try:
+        r = omniglot_gram(data, n=n, depth=depth, size=size, backend=backend)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    click.echo(f"CNTK Gram (depth {depth}, GAP, {size}x{size} padded to {size + 4}x{size + 4}, backend "
+               f"{r['backend']}) of {n} Omniglot images:")
+    for name in r["names"]:
+        click.echo(f"  {name}")
+    with __import__("numpy").printoptions(precision=4, suppress=True, linewidth=120):
+        click.echo(r["cosine"])
+    click.echo(f"(cosine-normalised K_ij / sqrt(K_ii K_jj); raw diagonal mean {r['diag_mean']:.4g})")
+    click.echo(f"{r['pairs']} pairs in {r['seconds']:.2f} s = {r['pairs'] / r['seconds']:.1f} pairs/s "
+               f"(first call includes numba's compile or cache load)")
+
+
+@main.command("compute-kernel")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="Experiment TOML (configs/).")
+@click.option("--store", required=True, type=click.Path(file_okay=False), help="Zarr store to create or resume.")
+@click.option("--data", envvar="MNKPIPE_DATA", help="Data root (default: $MNKPIPE_DATA).")
+@click.option("--gpus", default=0, show_default=True, help="GPU workers (one cupy actor per GPU).")
+@click.option("--cpus", type=int, help="CPU workers, one core each [default: all cores of the Ray cluster].")
+@click.option("--address", help="Join a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local instance).")
+@click.option("--tile-size", type=int, help="Override [compute] tile_size (must match an existing store).")
+@click.option("--break-lock", is_flag=True, help="Take over a store whose lock is held by a driver known to be dead.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, break_lock, no_progress):
+    """Compute the CNTK Gram of an experiment into a tiled Zarr store.
+
+    Rerunning the same command resumes: only missing tiles are computed. A store made from a different config or
+    data is refused, and a store being computed by another driver is refused.
+    """
+    from .pipeline.driver import compute_kernel
+    try:
+        s = compute_kernel(config, store, data=data, gpus=gpus, cpus=cpus, address=address, tile_size=tile_size,
+                           progress=not no_progress, break_lock=break_lock)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    rate = s["pairs_computed"] / s["seconds"] if s["seconds"] else 0
+    click.echo(f"{s['tiles_computed']} tiles computed, {s['tiles_skipped']} already done, "
+               f"{s['pairs_computed']:,} pairs in {s['seconds']:.1f} s ({rate:,.0f} pairs/s) -> {store}")
+
+
+@main.command("status")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_cmd(store, as_json):
+    """Tiles and pairs done, rate, ETA and the workers last seen."""
+    from .pipeline.inspect import format_status, store_status
+    try:
+        s = store_status(store)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    click.echo(json.dumps(s, indent=1, default=str) if as_json else format_status(s))
+
+
+@main.command("verify")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Recompute bad tiles (local Ray instance unless --address).")
+@click.option("--cpus", type=int, help="CPU workers for --repair.")
+@click.option("--address", help="Ray cluster for --repair.")
+def verify_cmd(store, repair, cpus, address):
+    """Check every done tile's checksum, finiteness and (diagonal tiles) symmetry."""
+    from .pipeline.driver import run_tiles
+    from .pipeline.inspect import verify_store
+    from .store import StoreLock
+    try:
+        with StoreLock(store, command=" ".join(sys.argv)):
+            r = verify_store(store, repair=repair)
+            for b in r["bad"]:
+                click.echo(f"BAD tile {b['tile']}: {b['problem']}")
+            click.echo(f"{r['checked']} done tiles checked, {len(r['bad'])} bad")
+            if repair and r["bad"]:
+                s = run_tiles(store, cpus=cpus, address=address)
+                click.echo(f"repaired: {s['tiles_computed']} tiles recomputed")
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    if r["bad"] and not repair:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
