@@ -1,6 +1,7 @@
 """The driver: create or check the store, then dispatch its missing tiles to Ray workers and track progress."""
 
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -13,11 +14,16 @@ from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
 from .plan import plan_full, plan_mnk, tile_pairs
 
+STORE_ENTRIES = {"zarr.json", "images", "scales", "val_images", "episodes", "gram", "gram_plan",
+                 "gram_crc32"}
+
 
 def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None):
     """Create the store for cfg, or check that an existing one was made from the same config and data."""
     store_path = Path(store_path)
     exp = build_experiment(cfg, data)
+    if _interrupted_creation(store_path):
+        shutil.rmtree(store_path)
     if (store_path / "zarr.json").exists():
         store = open_store(store_path, mode="r+")
         diffs = describe_differences(store.manifest["config"], cfg.to_dict())
@@ -36,6 +42,16 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None)
         plan = plan_mnk(n, t, exp.n_train_images, [list(s) + list(q) for s, q in zip(test.support, test.query)])
     return create_store(store_path, exp, config=cfg.to_dict(), depth=cfg.kernel.depth, tile_size=t, plan=plan,
                         dtype=cfg.compute.dtype)
+
+
+def _interrupted_creation(store_path: Path) -> bool:
+    """A store whose creation was killed: a Zarr group with only our own entries and no manifest yet."""
+    if not (store_path / "zarr.json").exists():
+        return False
+    import zarr
+    if "manifest" in zarr.open_group(str(store_path), mode="r").attrs:
+        return False
+    return {p.name for p in store_path.iterdir()} <= STORE_ENTRIES
 
 
 def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0, cpus: int | None = None,

@@ -165,9 +165,9 @@ def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, 
     """Write a new store: images, scale maps, episodes, the empty Gram with its plan, and the manifest."""
     from ..kernels import scale_maps
     path = Path(path)
-    if path.exists() and any(p.name != "driver.lock" for p in path.iterdir()):
+    if path.exists() and any(path.iterdir()):
         raise StoreError(f"{path} exists and is not an mnkpipe store; refusing to write into it")
-    root = zarr.open_group(str(path), mode="w")
+    root = zarr.open_group(str(path), mode="w-")  # never "w": it would empty the folder, lock included
     x = experiment.images
     n = len(x)
     root.create_array("images", data=x, chunks=(tile_size,) + x.shape[1:])

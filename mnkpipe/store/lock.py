@@ -22,10 +22,12 @@ def _alive(pid: int) -> bool:
 
 
 class StoreLock:
-    """with StoreLock(store_path): ... -- creates <store>/driver.lock with O_EXCL, removes it on exit."""
+    """with StoreLock(store_path): ... -- creates <store>.lock beside the store with O_EXCL, removes it on exit."""
 
     def __init__(self, store_path, command: str = "", break_lock: bool = False):
-        self.path = Path(store_path) / "driver.lock"
+        store_path = Path(store_path).resolve()
+        self.store = store_path
+        self.path = store_path.with_name(store_path.name + ".lock")
         self.command = command
         self.break_lock = break_lock
         self.replaced: dict | None = None  # the stale owner we took over from, if any
@@ -54,7 +56,7 @@ class StoreLock:
                     self.path.unlink(missing_ok=True)
                     continue
                 raise StoreLockedError(
-                    f"store {self.path.parent} is being computed by another driver: pid {owner.get('pid')} on host "
+                    f"store {self.store} is being computed by another driver: pid {owner.get('pid')} on host "
                     f"{owner.get('host')}, started {owner.get('started')} ({owner.get('command', '')}). If that "
                     f"process is gone (e.g. on another host), rerun with --break-lock.") from None
             with os.fdopen(fd, "w") as f:
