@@ -38,14 +38,20 @@ def _acos(x):
 
 @nb.njit(fastmath=True, inline="always", cache=True)
 def _box3(buf, tmp, h, wb, seps):
-    """Band rows 1..h <- 3x3 box sum of the (h+2, wb) band, separable; zero border rows and separator columns kept."""
-    for i in range(1, (h + 2) * wb - 1):
-        tmp[i] = buf[i - 1] + buf[i] + buf[i + 1]
-    for i in range(wb, (h + 1) * wb):
-        buf[i] = tmp[i - wb] + tmp[i] + tmp[i + wb]
-    for a in range(1, h + 1):  # the flat passes wrote the separators: zero them again
-        for c in seps:
-            buf[a * wb + c] = 0.0
+    """Band rows 1..h <- 3x3 box sum of the (h+2, wb) band, separable; zero border rows and separator columns kept.
+
+    Loops run over 1-D row views with non-negative indices: that is what lets LLVM vectorise them."""
+    for a in range(h + 2):
+        src, dst = buf[a * wb:(a + 1) * wb], tmp[a * wb:(a + 1) * wb]
+        for i in range(1, wb - 1):
+            dst[i] = src[i - 1] + src[i] + src[i + 1]
+    for a in range(1, h + 1):
+        up, mid, down = tmp[(a - 1) * wb:a * wb], tmp[a * wb:(a + 1) * wb], tmp[(a + 1) * wb:(a + 2) * wb]
+        dst = buf[a * wb:(a + 1) * wb]
+        for i in range(wb):
+            dst[i] = up[i] + mid[i] + down[i]
+        for c in seps:  # the row pass wrote the separators: zero them again
+            dst[c] = 0.0
 
 
 @nb.njit(fastmath=True, inline="always", cache=True)
@@ -71,12 +77,18 @@ def _fill_band(dst, u, v, h, r0, dr, ncol, wb, starts):
         for j in range(2 * ncol + 1):
             dc = j - ncol
             c0 = max(0, dc)
+            w = ww - abs(dc)
             base = (a + 1) * wb + starts[j]
-            for b in range(ww - abs(dc)):
-                acc = np.float32(0.0)
-                for ch in range(u.shape[0]):
-                    acc += u[ch, r0 + a, c0 + b] * v[ch, r0 + a - dr, c0 + b - dc]
-                dst[base + b] = acc
+            out = dst[base:base + w]
+            for ch in range(u.shape[0]):
+                ur = u[ch, r0 + a, c0:c0 + w]
+                vr = v[ch, r0 + a - dr, c0 - dc:c0 - dc + w]
+                if ch == 0:
+                    for b in range(w):
+                        out[b] = ur[b] * vr[b]
+                else:
+                    for b in range(w):
+                        out[b] += ur[b] * vr[b]
 
 
 @nb.njit(fastmath=True, cache=True)
