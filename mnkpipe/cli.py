@@ -146,5 +146,87 @@ def verify_cmd(store, repair, cpus, address):
         sys.exit(1)
 
 
+# -- evaluation --------------------------------------------------------------------------------------------------
+def _counts(text):
+    return [int(c) for c in text.split(",")] if text else None
+
+
+@main.command("evaluate")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="A computed store.")
+@click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
+@click.option("--seeds", default=3, show_default=True, help="Random nested training subsets per count.")
+@click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
+@click.option("--methods", default="mnk,cntk_support,pixel_1nn", show_default=True, help="Kernel methods to run.")
+@click.option("--ridge", default=1e-5, show_default=True, help="Ridge on base and meta kernels.")
+@click.option("--eta", default="inf", show_default=True, help="Inner-loop time (lr x steps); inf = converged.")
+@click.option("--t-outer", default="inf", show_default=True, help="Outer-loop time; inf = converged.")
+@click.option("--no-normalise", is_flag=True, help="No cosine normalisation of K and Phi.")
+@click.option("--cpus", type=int, help="CPU workers for the meta-kernel tiles.")
+@click.option("--address", help="Ray cluster for the meta-kernel tiles.")
+@click.option("--no-progress", is_flag=True)
+def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, no_normalise, cpus, address,
+                 no_progress):
+    """Meta-test accuracy vs number of training tasks: MNK, support-only CNTK (r_t) and pixel 1-NN.
+
+    Writes results.json, results.csv, results.md and accuracy.png. The train x train meta-kernel is stored as the
+    tiled array `mnk` in the store (resumable); nothing else in the store is changed.
+    """
+    from .pipeline.evaluate import evaluate, results_dir
+    try:
+        r = evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
+                     ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
+                     address=address, progress=not no_progress)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    d = results_dir(store, out)
+    click.echo((d / "results.md").read_text())
+    click.echo(f"-> {d}")
+
+
+@main.command("baselines")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The store whose episodes (same training subsets, same test tasks) the baselines use.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML with a [baselines] table.")
+@click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
+@click.option("--seeds", default=1, show_default=True, help="Seeds (training subsets) per count.")
+@click.option("--methods", default="maml,imaml", show_default=True)
+@click.option("--meta-steps", type=int, help="Override meta-training steps.")
+@click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
+@click.option("--no-progress", is_flag=True)
+def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, out, no_progress):
+    """MAML and iMAML on the store's episodes, checkpoints selected on validation tasks (never on test tasks).
+
+    Resumable: checkpoints live in <results>/checkpoints. Results join results.json beside the kernel methods.
+    """
+    from .pipeline.baselines_run import baseline_settings, run_baselines
+    from .pipeline.evaluate import results_dir
+    try:
+        settings = baseline_settings(config, meta_steps=meta_steps)
+        run_baselines(store, methods=methods.split(","), train_counts=_counts(train_tasks), seeds=seeds,
+                      settings=settings, out=out, progress=not no_progress)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    d = results_dir(store, out)
+    click.echo((d / "results.md").read_text())
+    click.echo(f"-> {d}")
+
+
+@main.command("report")
+@click.option("--store", type=click.Path(file_okay=False), help="Store whose results to render.")
+@click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
+def report_cmd(store, out):
+    """Render results.json (all methods) as results.md, results.csv and accuracy.png, and print the table."""
+    from .pipeline.evaluate import results_dir
+    from .pipeline.report import render
+    if not (store or out):
+        raise click.UsageError("give --store or --out")
+    try:
+        paths = render(results_dir(store, out))
+    except (ValueError, OSError) as e:
+        _fail(e)
+    click.echo(paths["md"].read_text())
+    click.echo(f"figure: {paths['png']}")
+
+
 if __name__ == "__main__":
     main()

@@ -104,8 +104,8 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
     store = open_store(store_path, mode="r+")
     todo = deque(store.missing_tiles(name))
     planned = store.planned_tiles(name)
-    total_pairs = sum(tile_pairs(store, *t) for t in planned)
-    done_pairs = total_pairs - sum(tile_pairs(store, *t) for t in todo)
+    total_pairs = sum(tile_pairs(store, *t, name) for t in planned)
+    done_pairs = total_pairs - sum(tile_pairs(store, *t, name) for t in todo)
     summary = {"tiles_planned": len(planned), "tiles_computed": 0, "tiles_skipped": len(planned) - len(todo),
                "pairs_computed": 0, "seconds": 0.0, "compute_s": 0.0, "workers": {}}
     if not todo:
@@ -134,7 +134,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
                 w, tile = pending.pop(ref)
                 status = ray.get(ref)
                 free.append(w)
-                pairs = tile_pairs(store, *tile)
+                pairs = tile_pairs(store, *tile, name)
                 summary["tiles_computed"] += 1
                 summary["pairs_computed"] += pairs
                 summary["compute_s"] += status["compute_s"]

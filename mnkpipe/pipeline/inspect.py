@@ -13,8 +13,8 @@ def store_status(store_path, name: str = "gram") -> dict:
     store = open_store(store_path)
     planned = store.planned_tiles(name)
     done = store.done_tiles(name)
-    pairs_total = sum(tile_pairs(store, *t) for t in planned)
-    pairs_done = sum(tile_pairs(store, *t) for t in planned if t in done)
+    pairs_total = sum(tile_pairs(store, *t, name) for t in planned)
+    pairs_done = sum(tile_pairs(store, *t, name) for t in planned if t in done)
     prog = store.progress
     rate = prog.get("rate_pairs_per_s") if prog.get("name", name) == name else None
     return {
@@ -61,7 +61,7 @@ def verify_store(store_path, name: str = "gram", repair: bool = False) -> dict:
             continue
         checked += 1
         try:
-            tile = arr[store.block_range(bi), store.block_range(bj)]
+            tile = arr[store.block_range(bi, name), store.block_range(bj, name)]
         except Exception as e:  # noqa: BLE001 - any unreadable chunk is a bad tile
             bad.append({"tile": (bi, bj), "problem": f"unreadable chunk: {type(e).__name__}: {e}"})
             continue

@@ -48,8 +48,10 @@ class Store:
     def n_blocks(self) -> int:
         return -(-self.n // self.tile_size)
 
-    def block_range(self, b: int) -> slice:
-        return slice(b * self.tile_size, min((b + 1) * self.tile_size, self.n))
+    def block_range(self, b: int, name: str = "gram") -> slice:
+        """Rows (or columns) of block b of the tiled array `name`."""
+        n = self.n if name == "gram" else int(self.root[name].shape[0])
+        return slice(b * self.tile_size, min((b + 1) * self.tile_size, n))
 
     def array(self, name: str):
         return self.root[name]
@@ -111,7 +113,7 @@ class Store:
             for bj in np.unique(cb):
                 ci = np.nonzero(cb == bj)[0]
                 lo, hi = min(bi, bj), max(bi, bj)
-                tile = arr[self.block_range(lo), self.block_range(hi)]
+                tile = arr[self.block_range(lo, name), self.block_range(hi, name)]
                 if bi <= bj:
                     out[np.ix_(ri, ci)] = tile[np.ix_(rows[ri] - bi * t, cols[ci] - bj * t)]
                 else:
@@ -123,7 +125,7 @@ class Store:
         """Write one whole aligned chunk, make it durable (fsync), then set its record; returns the CRC32."""
         arr = self.root[name]
         tile = tile.astype(arr.dtype)
-        arr[self.block_range(bi), self.block_range(bj)] = tile
+        arr[self.block_range(bi, name), self.block_range(bj, name)] = tile
         _fsync(self.path / name / "c" / str(bi) / str(bj))
         crc = tile_crc(tile)
         self.root[f"{name}_crc32"][bi, bj] = crc
