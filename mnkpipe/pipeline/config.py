@@ -68,9 +68,10 @@ class ExperimentConfig:
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{f.name}] must be a table")
             parts[f.name] = _section(f.default_factory, table, f"{where} [{f.name}]")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"baselines"}  # [baselines]: mnkpipe baselines
         if unknown:
-            raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; expected [data], [tasks], [kernel], [compute]")
+            raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; expected [data], [tasks], [kernel], "
+                              "[compute] and optionally [baselines]")
         cfg = cls(**parts)
         cfg.validate(where)
         return cfg

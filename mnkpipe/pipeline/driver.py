@@ -71,11 +71,11 @@ def _start_ray(address: str | None, gpus: int, cpus: int | None):
     import ray
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local instance; clusters set their own
     kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         ray.init(address=address, **kw)
     else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only instance of our own: no token needed
         ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus or None, **kw)
     return True
 
@@ -86,12 +86,9 @@ def _make_workers(store_path, gpus: int, cpus: int | None):
     from ..workers.tile import make_ray_worker
     worker = make_ray_worker()
     if gpus:
-        from ..kernels.cntk_cupy import available
         total = int(ray.cluster_resources().get("GPU", 0))
         if total < gpus:
             raise RuntimeError(f"--gpus {gpus} asked for, but the Ray cluster has {total} GPUs")
-        if not available() and not ray.is_initialized():
-            raise RuntimeError("--gpus needs cupy and a CUDA device: pip install 'mnkpipe[gpu]'")
         return [worker.options(num_gpus=1, num_cpus=1).remote(str(store_path), "cupy", 1) for _ in range(gpus)]
     n = cpus or int(ray.cluster_resources().get("CPU", os.cpu_count()))
     return [worker.options(num_cpus=1).remote(str(store_path), "cpu", 1) for _ in range(n)]
@@ -107,7 +104,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
     total_pairs = sum(tile_pairs(store, *t, name) for t in planned)
     done_pairs = total_pairs - sum(tile_pairs(store, *t, name) for t in todo)
     summary = {"tiles_planned": len(planned), "tiles_computed": 0, "tiles_skipped": len(planned) - len(todo),
-               "pairs_computed": 0, "seconds": 0.0, "compute_s": 0.0, "workers": {}}
+               "pairs_computed": 0, "seconds": 0.0, "compute_s": 0.0, "io_s": 0.0, "workers": {}}
     if not todo:
         return summary
     if gpus:
@@ -138,8 +135,11 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
                 summary["tiles_computed"] += 1
                 summary["pairs_computed"] += pairs
                 summary["compute_s"] += status["compute_s"]
+                summary["io_s"] += status["read_s"] + status["write_s"]
+                seen = workers_seen.get(status["worker"], {})
                 workers_seen[status["worker"]] = {"node": status["node"], "last_seen": time.time(),
-                                                  "tiles": workers_seen.get(status["worker"], {}).get("tiles", 0) + 1}
+                                                  "tiles": seen.get("tiles", 0) + 1,
+                                                  "rss_mb": max(seen.get("rss_mb", 0), status["rss_mb"])}
                 bar.update(pairs)
             if time.time() - last_save > 2 or not (todo or pending):
                 last_save = time.time()
@@ -153,4 +153,5 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
             ray.shutdown()
     summary["seconds"] = time.time() - t0
     summary["workers"] = workers_seen
+    summary["n_workers"] = len(workers)
     return summary

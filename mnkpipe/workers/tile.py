@@ -1,6 +1,7 @@
 """Compute one tile with a backend and write it to the store; the same code runs inside a Ray actor or without Ray."""
 
 import os
+import resource
 import socket
 import time
 
@@ -27,31 +28,35 @@ class TileComputer:
                                    fix=self.fix)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
-    def gram_tile(self, bi: int, bj: int) -> np.ndarray:
-        """K over the rows of block bi and the columns of block bj (upper triangle mirrored on the diagonal)."""
+    def gram_tile(self, bi: int, bj: int) -> tuple[np.ndarray, float]:
+        """K over the rows of block bi and the columns of block bj (upper triangle mirrored on the diagonal),
+        and the seconds spent reading its inputs."""
         s = self.store
         r, c = s.block_range(bi), s.block_range(bj)
         if self.engine is not None:
-            return self.engine.block(np.arange(r.start, r.stop), np.arange(c.start, c.stop), upper=bi == bj)
+            return self.engine.block(np.arange(r.start, r.stop), np.arange(c.start, c.stop), upper=bi == bj), 0.0
         from ..kernels import cntk_block
+        t0 = time.perf_counter()
         x1, l1 = s.images(r), s.scales(r)
         x2, l2 = (x1, l1) if bi == bj else (s.images(c), s.scales(c))
+        read = time.perf_counter() - t0
         return cntk_block(x1, l1, x2, l2, depth=self.depth, gap=self.gap, fix=self.fix, upper=bi == bj,
-                          backend=self.backend)
+                          backend=self.backend), read
 
     def run(self, bi: int, bj: int, name: str = "gram") -> dict:
         """Compute tile (bi, bj) of array `name`, write it durably with its record; return a small status."""
         t0 = time.perf_counter()
         if name == "gram":
-            tile = self.gram_tile(bi, bj)
+            tile, read = self.gram_tile(bi, bj)
         else:
             from ..pipeline.mnk_tiles import mnk_tile
-            tile = mnk_tile(self.store, bi, bj)
+            tile, read = mnk_tile(self.store, bi, bj), 0.0
         t1 = time.perf_counter()
         crc = self.store.write_tile(bi, bj, tile, name=name)
         t2 = time.perf_counter()
-        return {"tile": (bi, bj), "name": name, "crc32": crc, "compute_s": t1 - t0, "write_s": t2 - t1,
-                "worker": self.worker_id, "node": _node_id()}
+        return {"tile": (bi, bj), "name": name, "crc32": crc, "read_s": read, "compute_s": t1 - t0 - read,
+                "write_s": t2 - t1, "worker": self.worker_id, "node": _node_id(),
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _node_id() -> str:
