@@ -151,6 +151,13 @@ def _counts(text):
     return [int(c) for c in text.split(",")] if text else None
 
 
+def _show_results(store, out):
+    from .pipeline.evaluate import results_dir
+    d = results_dir(store, out)
+    click.echo((d / "results.md").read_text())
+    click.echo(f"-> {d}")
+
+
 @main.command("evaluate")
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="A computed store.")
 @click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
@@ -171,16 +178,14 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, n
     Writes results.json, results.csv, results.md and accuracy.png. The train x train meta-kernel is stored as the
     tiled array `mnk` in the store (resumable); nothing else in the store is changed.
     """
-    from .pipeline.evaluate import evaluate, results_dir
+    from .pipeline.evaluate import evaluate
     try:
         r = evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
                      ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
                      address=address, progress=not no_progress)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
-    d = results_dir(store, out)
-    click.echo((d / "results.md").read_text())
-    click.echo(f"-> {d}")
+    _show_results(store, out)
 
 
 @main.command("baselines")
@@ -199,16 +204,13 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, out, n
     Resumable: checkpoints live in <results>/checkpoints. Results join results.json beside the kernel methods.
     """
     from .pipeline.baselines_run import baseline_settings, run_baselines
-    from .pipeline.evaluate import results_dir
     try:
         settings = baseline_settings(config, meta_steps=meta_steps)
         run_baselines(store, methods=methods.split(","), train_counts=_counts(train_tasks), seeds=seeds,
                       settings=settings, out=out, progress=not no_progress)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
-    d = results_dir(store, out)
-    click.echo((d / "results.md").read_text())
-    click.echo(f"-> {d}")
+    _show_results(store, out)
 
 
 @main.command("report")

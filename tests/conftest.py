@@ -9,16 +9,18 @@ SHARED = REPO.parent / "shared"
 
 
 def data_root() -> Path:
-    """Omniglot root: $MNKPIPE_DATA (CI sets it), else ../shared/data/omniglot beside the checkout."""
+    """$MNKPIPE_DATA (relative to cwd or to the repo root; CI sets it), else ../shared/data/omniglot beside the repo."""
     env = os.environ.get("MNKPIPE_DATA")
-    return Path(env).resolve() if env else SHARED / "data" / "omniglot"
+    candidates = [Path(env), REPO / env] if env else [SHARED / "data" / "omniglot"]
+    for c in candidates:
+        if (c / "images_background_small1.zip").is_file():
+            return c.resolve()
+    pytest.fail(f"Omniglot data not found; tried {[str(c) for c in candidates]} (set MNKPIPE_DATA)")
 
 
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
-    root = data_root()
-    assert (root / "images_background_small1.zip").exists(), f"Omniglot not found at {root}; set MNKPIPE_DATA"
-    return root
+    return data_root()
 
 
 @pytest.fixture(scope="session")

@@ -218,3 +218,11 @@ def test_two_node_ray_cluster(workdir, reference):
     nodes = {w["node"] for w in store_status(store)["workers"].values()}
     assert len(nodes) == 2, nodes
     assert np.array_equal(open_store(store).read_gram(), gram, equal_nan=True)
+
+
+def test_gpus_without_a_gpu_is_a_clear_error(workdir):
+    r = cli("compute-kernel", "--config", REPO / "configs" / "smoke.toml", "--store", workdir / "gpu.zarr",
+            "--gpus", "1", "--no-progress")
+    assert r.returncode != 0
+    assert "--gpus needs cupy and a usable CUDA device" in r.stderr
+    assert "Traceback" not in r.stderr

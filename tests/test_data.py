@@ -29,23 +29,12 @@ from mnkpipe.data import (
 )
 from mnkpipe.data import _io
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL1 = "background_small1"
 
 
-def _data_root() -> Path:
-    """$MNKPIPE_DATA (relative to cwd or to the repo root), else <repo>/../shared/data/omniglot."""
-    env = os.environ.get("MNKPIPE_DATA")
-    candidates = [Path(env), REPO / env] if env else [REPO.parent / "shared" / "data" / "omniglot"]
-    for c in candidates:
-        if (c / "images_background_small1.zip").is_file():
-            return c.resolve()
-    pytest.fail(f"Omniglot data not found; tried {[str(c) for c in candidates]} (set MNKPIPE_DATA)")
-
-
 @pytest.fixture(scope="module")
-def root() -> Path:
-    return _data_root()
+def root(omniglot_root) -> Path:
+    return omniglot_root
 
 
 @pytest.fixture(autouse=True)

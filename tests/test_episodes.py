@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mnkpipe.data import DataError, EpisodeSet, TaskSet, load_omniglot, sample_episodes, sample_tasks
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _data_root() -> Path:
-    """$MNKPIPE_DATA (relative to cwd or to the repo root), else <repo>/../shared/data/omniglot."""
-    env = os.environ.get("MNKPIPE_DATA")
-    candidates = [Path(env), REPO / env] if env else [REPO.parent / "shared" / "data" / "omniglot"]
-    for c in candidates:
-        if (c / "images_background_small1.zip").is_file():
-            return c.resolve()
-    pytest.fail(f"Omniglot data not found; tried {[str(c) for c in candidates]} (set MNKPIPE_DATA)")
 
 
 @pytest.fixture(scope="module")
-def greek_latin(tmp_path_factory):
+def greek_latin(tmp_path_factory, omniglot_root):
     """50 real Omniglot classes (Greek + Latin of background_small1), 20 images each."""
-    return load_omniglot(_data_root(), "background_small1", alphabets=["Greek", "Latin"],
+    return load_omniglot(omniglot_root, "background_small1", alphabets=["Greek", "Latin"],
                          cache_dir=tmp_path_factory.mktemp("cache"))
 
 

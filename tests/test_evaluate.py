@@ -114,3 +114,21 @@ def test_baselines_join_results_and_report_renders_all_methods(smoke_store, tmp_
         assert label in res.output
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["methods"]) == {"mnk", "cntk_support", "pixel_1nn", "maml", "imaml"}
+
+
+def test_lake_runs_protocol_end_to_end(tmp_path, omniglot_root, monkeypatch_module):
+    """A store built with the 20 official one-shot runs as test tasks evaluates on exactly those 20 runs."""
+    monkeypatch_module.setenv("MNKPIPE_DATA", str(omniglot_root))
+    cfg = tmp_path / "lake.toml"
+    cfg.write_text('[data]\ntrain_split = "background_small1"\nimage_size = 8\npad = 0\n'
+                   '[tasks]\nprotocol = "lake-runs"\nway = 20\nshot = 1\nquery = 1\ntrain_tasks = 2\nval_tasks = 0\n'
+                   '[kernel]\ndepth = 3\n[compute]\ntile_size = 64\n')
+    store = tmp_path / "lake.zarr"
+    compute_kernel(cfg, store, cpus=2, progress=False)
+    ep = open_store(store).episodes()
+    assert ep.test.n_tasks == 20 and ep.test.way == 20 and ep.test.support.shape == (20, 20)
+    r = evaluate(store, train_counts=[1, 2], seeds=1, out=tmp_path / "res", cpus=2, progress=False)
+    assert r["n_test_tasks"] == 20 and r["way"] == 20
+    for m in r["methods"].values():
+        assert all(len(pt) == 20 for pt in m["per_task"])
+        assert all(1 / 20 <= a <= 1 for a in m["mean"])  # above or at chance on 20-way

@@ -19,8 +19,10 @@ LABELS = {"mnk": "MNK (meta neural kernel)", "cntk_support": "CNTK on test suppo
 
 def results_dir(store_path, out=None) -> Path:
     """Where evaluate/baselines/report write: --out, or <store>-results beside the store."""
+    if out:
+        return Path(out)
     p = Path(store_path).resolve()
-    return Path(out) if out else p.with_name(p.name + "-results")
+    return p.with_name(p.name + "-results")
 
 
 def train_subsets(n_train: int, counts, seed: int) -> dict[int, np.ndarray]:

@@ -53,7 +53,7 @@ def _plot(results: dict, methods, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .evaluate import LABELS
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
     for k in methods:
         r = results["methods"][k]
         n, m = r["n_train_tasks"], [100 * v for v in r["mean"]]
@@ -62,12 +62,14 @@ def _plot(results: dict, methods, png: Path) -> None:
         ax.errorbar(n, m, yerr=err, marker="o", capsize=3, label=LABELS.get(k, k),
                     linestyle="--" if k in ("cntk_support", "pixel_1nn") else "-")
     ax.set_xscale("log", base=2)
+    counts = sorted({n for k in methods for n in results["methods"][k]["n_train_tasks"]})
+    ax.set_xticks(counts, [str(n) for n in counts])
     ax.set_xlabel("number of training tasks")
     ax.set_ylabel("meta-test accuracy (%)")
     ax.set_title(f"{results.get('way', '?')}-way {results.get('shot', '?')}-shot, "
                  f"{results.get('n_test_tasks', '?')} test tasks (95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
