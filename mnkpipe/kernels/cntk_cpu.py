@@ -92,13 +92,10 @@ def _fill_band(dst, u, v, h, r0, dr, ncol, wb, starts):
 
 
 @nb.njit(fastmath=True, cache=True)
-def _pair(x, z, lx, lz, depth, gap, fix, s, t, o, tmp):
-    """K(x, z) = sum over offsets D of the slab recursion's T, / (HW)^2 with gap, or at D = 0 only (vanilla trace)."""
-    hh, ww = x.shape[1], x.shape[2]
-    nrow = hh - 1 if gap else 0
-    ncol = ww - 1 if gap else 0
-    starts = np.empty(2 * ncol + 1, np.int64)  # column where slab dc = j - ncol starts in the band
-    seps = np.empty(2 * ncol + 2, np.int64)    # zero separator columns
+def _band_layout(ww, ncol):
+    """Column where slab dc = j - ncol starts in a band, the zero separator columns, and the band width."""
+    starts = np.empty(2 * ncol + 1, np.int64)
+    seps = np.empty(2 * ncol + 2, np.int64)
     col = 1
     seps[0] = 0
     for j in range(2 * ncol + 1):
@@ -106,7 +103,15 @@ def _pair(x, z, lx, lz, depth, gap, fix, s, t, o, tmp):
         col += ww - abs(j - ncol)
         seps[j + 1] = col
         col += 1
-    wb = col
+    return starts, seps, col
+
+
+@nb.njit(fastmath=True, cache=True)
+def _pair(x, z, lx, lz, depth, gap, fix, s, t, o, tmp, starts, seps, wb):
+    """K(x, z) = sum over offsets D of the slab recursion's T, / (HW)^2 with gap, or at D = 0 only (vanilla trace)."""
+    hh, ww = x.shape[1], x.shape[2]
+    nrow = hh - 1 if gap else 0
+    ncol = (len(starts) - 1) // 2
     total = 0.0
     for dr in range(-nrow, nrow + 1):
         r0 = max(0, dr)
@@ -137,16 +142,20 @@ def _pair(x, z, lx, lz, depth, gap, fix, s, t, o, tmp):
 
 
 @nb.njit(parallel=True, cache=True)
-def _pairs(x1, l1, x2, l2, ii, jj, depth, gap, fix, out):
-    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair, in parallel; each thread owns its band buffers."""
+def _pairs(x1, l1, x2, l2, ii, jj, depth, gap, fix, out, chunks):
+    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair, in parallel chunks that own their band buffers."""
     hh, ww = x1.shape[2], x1.shape[3]
     size = (hh + 2) * (ww * ww + 2 * ww + 2)
-    for k in nb.prange(ii.shape[0]):
+    n = ii.shape[0]
+    for c in nb.prange(chunks):
+        starts, seps, wb = _band_layout(ww, ww - 1 if gap else 0)
         s = np.empty(size, np.float32)
         t = np.empty(size, np.float32)
         o = np.empty(size, np.float32)
         tmp = np.zeros(size, np.float32)
-        out[k] = _pair(x1[ii[k]], x2[jj[k]], l1[ii[k]], l2[jj[k]], depth, gap, fix, s, t, o, tmp)
+        for k in range(c * n // chunks, (c + 1) * n // chunks):
+            out[k] = _pair(x1[ii[k]], x2[jj[k]], l1[ii[k]], l2[jj[k]], depth, gap, fix, s, t, o, tmp, starts, seps,
+                           wb)
 
 
 def cntk_block_cpu(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = False,
@@ -156,7 +165,8 @@ def cntk_block_cpu(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = 
     n1, n2 = len(x1), len(x2)
     ii, jj = np.triu_indices(n1, 0, n2) if upper else np.indices((n1, n2)).reshape(2, -1)
     vals = np.empty(len(ii), np.float64)
-    _pairs(x1, l1, x2, l2, ii.astype(np.int64), jj.astype(np.int64), depth, gap, fix, vals)
+    chunks = min(len(ii), 8 * nb.get_num_threads())  # a few chunks per thread balance the load
+    _pairs(x1, l1, x2, l2, ii.astype(np.int64), jj.astype(np.int64), depth, gap, fix, vals, max(chunks, 1))
     k = np.empty((n1, n2), np.float64)
     k[ii, jj] = vals
     if upper:
