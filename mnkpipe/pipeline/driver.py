@@ -146,7 +146,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
                 elapsed = last_save - t0
                 store.set_progress({"pairs_total": total_pairs, "pairs_done": bar.n, "updated": last_save,
                                     "rate_pairs_per_s": summary["pairs_computed"] / max(elapsed, 1e-9),
-                                    "workers": workers_seen, "name": name})
+                                    "workers": workers_seen}, name)
         bar.close()
     finally:
         if started:

@@ -15,8 +15,8 @@ def store_status(store_path, name: str = "gram") -> dict:
     done = store.done_tiles(name)
     pairs_total = sum(tile_pairs(store, *t, name) for t in planned)
     pairs_done = sum(tile_pairs(store, *t, name) for t in planned if t in done)
-    prog = store.progress
-    rate = prog.get("rate_pairs_per_s") if prog.get("name", name) == name else None
+    prog = store.progress(name)
+    rate = prog.get("rate_pairs_per_s")
     return {
         "store": str(store.path), "array": name, "n_images": store.n, "tile_size": store.tile_size,
         "tiles_done": len(done & set(planned)), "tiles_total": len(planned),

@@ -135,13 +135,12 @@ class Store:
     def clear_record(self, bi: int, bj: int, name: str = "gram") -> None:
         self.root[f"{name}_crc32"][bi, bj] = RECORD_FILL
 
-    def set_progress(self, info: dict) -> None:
-        """Driver-only (one driver holds the lock): rate, workers last seen, times."""
-        self.root.attrs["progress"] = info
+    def set_progress(self, info: dict, name: str = "gram") -> None:
+        """Driver-only (one driver holds the lock): rate, workers last seen, times; kept in the array's attributes."""
+        self.root[name].attrs["progress"] = info
 
-    @property
-    def progress(self) -> dict:
-        return dict(self.root.attrs.get("progress", {}))
+    def progress(self, name: str = "gram") -> dict:
+        return dict(self.root[name].attrs.get("progress", {}))
 
 
 def _fsync(path: Path) -> None:
