@@ -18,9 +18,12 @@ RHO_SNAP32 = 4e-6
 _PI = np.float32(math.pi)
 _INV_9PI = np.float32(1.0 / (9.0 * math.pi))
 _TINY = np.float32(1e-30)
+# fastmath without "reassoc": LLVM may not reorder float sums. Elementwise loops vectorise without it, and the
+# result no longer depends on how a particular process's compile happened to order the IR (bit-identical Grams).
+_FM = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
 
 
-@nb.njit(fastmath=True, inline="always", cache=True)
+@nb.njit(fastmath=_FM, inline="always", cache=True)
 def _acos(x):
     """acos(x) on [-1, 1]: A&S 4.4.46, sqrt(1 - |x|) sum_k a_k |x|^k (|error| <= 2e-8), and acos(-x) = pi - acos(x)."""
     a = abs(x)
@@ -36,7 +39,7 @@ def _acos(x):
     return r if x >= 0 else _PI - r
 
 
-@nb.njit(fastmath=True, inline="always", cache=True)
+@nb.njit(fastmath=_FM, inline="always", cache=True)
 def _box3(buf, tmp, h, wb, seps):
     """Band rows 1..h <- 3x3 box sum of the (h+2, wb) band, separable; zero border rows and separator columns kept.
 
@@ -54,7 +57,7 @@ def _box3(buf, tmp, h, wb, seps):
             dst[c] = 0.0
 
 
-@nb.njit(fastmath=True, inline="always", cache=True)
+@nb.njit(fastmath=_FM, inline="always", cache=True)
 def _relu_step(s, t, o, n):
     """V: rho = S/o, S' = o (rho (pi - theta) + sqrt(1 - rho^2)) / (9 pi), T' = T (pi - theta)/(9 pi) + S'."""
     one = np.float32(1.0)
@@ -69,7 +72,7 @@ def _relu_step(s, t, o, n):
         t[i] = t[i] * (pt * _INV_9PI) + sn
 
 
-@nb.njit(fastmath=True, inline="always", cache=True)
+@nb.njit(fastmath=_FM, inline="always", cache=True)
 def _fill_band(dst, u, v, h, r0, dr, ncol, wb, starts):
     """dst[a, slab dc, b] = sum_c u[c, p] v[c, p - D] with p = (r0 + a, c0 + b), D = (dr, dc), over the band's slabs."""
     ww = u.shape[2]
@@ -91,7 +94,7 @@ def _fill_band(dst, u, v, h, r0, dr, ncol, wb, starts):
                         out[b] += ur[b] * vr[b]
 
 
-@nb.njit(fastmath=True, cache=True)
+@nb.njit(fastmath=_FM, cache=True)
 def _band_layout(ww, ncol):
     """Column where slab dc = j - ncol starts in a band, the zero separator columns, and the band width."""
     starts = np.empty(2 * ncol + 1, np.int64)
@@ -106,7 +109,7 @@ def _band_layout(ww, ncol):
     return starts, seps, col
 
 
-@nb.njit(fastmath=True, cache=True)
+@nb.njit(fastmath=_FM, cache=True)
 def _pair(x, z, lx, lz, depth, gap, fix, s, t, o, tmp, starts, seps, wb):
     """K(x, z) = sum over offsets D of the slab recursion's T, / (HW)^2 with gap, or at D = 0 only (vanilla trace)."""
     hh, ww = x.shape[1], x.shape[2]
