@@ -132,3 +132,12 @@ def test_lake_runs_protocol_end_to_end(tmp_path, omniglot_root, monkeypatch_modu
     for m in r["methods"].values():
         assert all(len(pt) == 20 for pt in m["per_task"])
         assert all(1 / 20 <= a <= 1 for a in m["mean"])  # above or at chance on 20-way
+
+
+def test_tile_by_tile_reader_equals_in_memory_reader(smoke_store):
+    from mnkpipe.pipeline.mnk_tiles import base_reader
+    st = open_store(smoke_store)
+    mem, tiles = base_reader(st), base_reader(st, max_bytes=0)
+    rows, cols = np.array([0, 5, 60, 2]), np.array([3, 70, 1])
+    assert np.array_equal(mem(rows, cols), tiles(rows, cols))
+    assert np.array_equal(mem.diag, tiles.diag)

@@ -14,14 +14,15 @@ def mnk_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True) 
     return {"ridge": float(ridge), "eta": str(float(eta)), "normalise_k": bool(normalise)}
 
 
-def base_reader(store):
-    """The block reader K(rows, cols) of the stored Gram: from memory when it fits (8 GB), else tile by tile."""
-    if store.array("gram").nbytes <= 8e9:
+def base_reader(store, max_bytes: float = 8e9):
+    """The block reader K(rows, cols) of the stored Gram: from memory when it fits (max_bytes), else tile by tile."""
+    if store.array("gram").nbytes <= max_bytes:
         g = store.read_gram()
         reader = lambda rows, cols: g[np.ix_(np.asarray(rows), np.asarray(cols))]  # noqa: E731
         reader.diag = np.diag(g).copy()
     else:
-        reader = store.gram_block
+        def reader(rows, cols):
+            return store.gram_block(rows, cols)
         reader.diag = np.concatenate([np.diag(store.gram_block(np.arange(r.start, r.stop), np.arange(r.start, r.stop)))
                                       for r in map(store.block_range, range(store.n_blocks))])
     return reader
