@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/mnkpipe compute-kernel --config configs/smoke.toml --store $(RUNS)/smoke.zarr
 	$(BIN)/mnkpipe status $(RUNS)/smoke.zarr
 	$(BIN)/mnkpipe verify $(RUNS)/smoke.zarr
+	$(BIN)/mnkpipe evaluate --store $(RUNS)/smoke.zarr --train-tasks 1,2,4 --seeds 2 --no-progress
 
 bench: install
 	$(BIN)/python bench/cntk_cpu.py
