@@ -180,9 +180,9 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, n
     """
     from .pipeline.evaluate import evaluate
     try:
-        r = evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
-                     ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
-                     address=address, progress=not no_progress)
+        evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
+                 ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
+                 address=address, progress=not no_progress)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
     _show_results(store, out)

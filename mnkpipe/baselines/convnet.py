@@ -1,7 +1,6 @@
 """Conv-4 backbone of the MAML / iMAML baselines (SPEC section 3)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

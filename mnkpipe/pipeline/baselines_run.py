@@ -2,7 +2,6 @@
 
 import time
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +40,9 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
     settings = settings or BaselineSettings()
     counts = check_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
-    images, val_images = store.images(), store.array("val_images")[...]
+    val_images = store.array("val_images")[...]
+    images = np.concatenate([store.images(), val_images])  # validation tasks index val_images: stack them after
+    val = ep.val.remap(np.arange(len(val_images)) + store.n)  # the pool and shift their indices
     out_dir = results_dir(store.path, out)
     ckpt_root = out_dir / "checkpoints"
     results = {"store": str(store.path), "n_test_tasks": ep.test.n_tasks, "way": ep.way, "shot": ep.shot,
@@ -52,8 +53,9 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
         t0 = time.time()
         for s in range(seeds):
             for n, subset in train_subsets(ep.train.n_tasks, counts, s).items():
-                r = _run(method, images, val_images, ep, subset, settings, s, ckpt_root / f"{method}-n{n}-s{s}",
-                         progress)
+                r = run_baseline(method, images, ep.train.subset(subset), val, ep.test, way=ep.way,
+                                 settings=settings, seed=s, checkpoint_dir=ckpt_root / f"{method}-n{n}-s{s}",
+                                 progress=progress)
                 per[n][s] = r["test_acc"]
                 info[f"n{n}-s{s}"] = {"best_step": r["best_step"], "best_val_acc": r.get("best_val_acc")}
                 bn = r["bn_mode"]
@@ -66,11 +68,3 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
         write_results(results, out_dir, merge=True)
     return results
 
-
-def _run(method, images, val_images, ep, subset, settings, seed, ckpt: Path, progress):
-    """Validation tasks index val_images: stack them after the pool and shift their indices."""
-    offset = len(images)
-    allimg = np.concatenate([images, val_images])
-    val = ep.val.remap(np.arange(len(val_images)) + offset)
-    return run_baseline(method, allimg, ep.train.subset(subset), val, ep.test, way=ep.way, settings=settings,
-                        seed=seed, checkpoint_dir=ckpt, progress=progress)
