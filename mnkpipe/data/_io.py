@@ -350,3 +350,12 @@ def read_zip_member(zf: zipfile.ZipFile, member: str, label: str) -> bytes:
         return zf.read(member)
     except (zipfile.BadZipFile, OSError, KeyError, EOFError) as exc:
         raise DataError(f"cannot read {label}: {exc}") from exc
+
+
+def zip_access(zf: zipfile.ZipFile, prefix: tuple[str, ...], label: str):
+    """(read, name_of) for load_or_decode over the members prefix/parts of an open zip, named '<label>:<member>'."""
+    def member(parts: tuple[str, ...]) -> str:
+        return "/".join(prefix + parts)
+
+    return (lambda parts: read_zip_member(zf, member(parts), f"{label}:{member(parts)}"),
+            lambda parts: f"{label}:{member(parts)}")

@@ -56,13 +56,8 @@ def load_image_folder(
         # a zip made by zipping the folder itself holds one top folder named like the zip: look inside it
         prefix: tuple[str, ...] = (root.stem,) if _io.tree_from_zip(names).children()[()] == ([root.stem], []) else ()
         entries = _io.index_tree(_io.tree_from_zip(names, prefix), str(root), layout=layout)
-
-        def member(parts: tuple[str, ...]) -> str:
-            return "/".join(prefix + parts)
-
         return _io.load_or_decode(
             cache_file, key, entries,
-            read=lambda parts: _io.read_zip_member(zf, member(parts), f"{root.name}:{member(parts)}"),
-            name_of=lambda parts: f"{root.name}:{member(parts)}",
+            *_io.zip_access(zf, prefix, root.name),
             image_size=image_size, grayscale=grayscale, progress=progress, desc=f"images {root.name}",
         )

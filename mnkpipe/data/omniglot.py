@@ -142,14 +142,9 @@ def load_omniglot(
         names = set(zf.namelist())
         prefix = (top,) if any(n.startswith(top + "/") for n in names) else ()
         entries = _select_alphabets(_io.index_tree(_zip_tree(zf, top), str(src), layout="nested"), alphabets, str(src))
-
-        def member(parts: tuple[str, ...]) -> str:
-            return "/".join(prefix + parts)
-
         return _io.load_or_decode(
             cache_file, key, entries,
-            read=lambda parts: _io.read_zip_member(zf, member(parts), f"{src.name}:{member(parts)}"),
-            name_of=lambda parts: f"{src.name}:{member(parts)}",
+            *_io.zip_access(zf, prefix, src.name),
             image_size=image_size, progress=progress, desc=f"Omniglot {split}",
         )
 
