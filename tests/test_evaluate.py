@@ -64,7 +64,7 @@ def test_stored_meta_kernel_matches_dense_phi_train(smoke_store, tmp_path):
     store = open_store(smoke_store)
     settings = mnk_settings()
     kb = reader_for(store, settings)
-    ops = task_ops_list(store, kb, store.episodes().train, settings)
+    ops = task_ops_list(kb, store.episodes().train, settings)
     dense = mnk.mnk_train_matrix(kb, ops)
     assert np.allclose(store.read_gram("mnk"), dense, rtol=1e-12, atol=1e-12)
 

@@ -100,7 +100,7 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
                "n_test_tasks": episodes.test.n_tasks, "way": episodes.way, "shot": episodes.shot, "methods": {}}
 
     kb = reader_for(store, settings)
-    test_ops = task_ops_list(store, kb, episodes.test, settings)
+    test_ops = task_ops_list(kb, episodes.test, settings)
     test_tasks = list(zip(episodes.test.support, episodes.test.support_labels, episodes.test.query,
                           episodes.test.query_labels))
     flat = {}
@@ -117,7 +117,7 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
         prepare_mnk_array(store, settings)
         run_tiles(store.path, name="mnk", cpus=cpus, address=address, progress=progress)
         phi = open_store(store.path).read_gram("mnk")
-        train_ops = task_ops_list(store, kb, episodes.train, settings)
+        train_ops = task_ops_list(kb, episodes.train, settings)
         offsets = np.cumsum([0] + [t.n_q for t in train_ops])
         per = {n: np.zeros((seeds, len(test_ops))) for n in counts}
         bar = tqdm(total=seeds * len(counts), desc="MNK fits", disable=not progress)

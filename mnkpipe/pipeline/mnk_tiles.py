@@ -28,7 +28,7 @@ def base_reader(store, max_bytes: float = 8e9):
     return reader
 
 
-def task_ops_list(store, kb, tasks, settings: dict):
+def task_ops_list(kb, tasks, settings: dict):
     """TaskOps (T_tau, r_tau, ...) of every task in a TaskSet."""
     way = int(tasks.way)
     return [mnk.task_ops(kb, s, sl, q, ql, way=way, eta=float(settings["eta"]), ridge=settings["ridge"])
@@ -64,10 +64,6 @@ def mnk_tile(store, bi: int, bj: int) -> np.ndarray:
         settings = dict(store.array("mnk").attrs["settings"])
         kb = reader_for(store, settings)
         _CACHE.clear()
-        _CACHE[key] = (kb, task_ops_list(store, kb, store.episodes().train, settings))
+        _CACHE[key] = (kb, task_ops_list(kb, store.episodes().train, settings))
     kb, tasks = _CACHE[key]
-    m = int(store.array("mnk").shape[0])
-    t = store.tile_size
-    rows = slice(bi * t, min((bi + 1) * t, m))
-    cols = slice(bj * t, min((bj + 1) * t, m))
-    return mnk.phi_tile(kb, tasks, rows, cols)
+    return mnk.phi_tile(kb, tasks, store.block_range(bi, "mnk"), store.block_range(bj, "mnk"))
