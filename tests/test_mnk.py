@@ -9,17 +9,21 @@ from mnkpipe.kernels.mnk import (
     INF,
     accuracy,
     centred_onehot,
+    centroid_targets,
     cosine_normalised,
     inner_operator,
     mnk_fit,
     mnk_predict,
     mnk_train_matrix,
+    nearest_support,
     phi_block,
     phi_cross,
     phi_diag,
+    phi_test,
     phi_tile,
     support_regression,
     task_ops,
+    with_targets,
 )
 
 WAY, N_S, N_Q = 3, 3, 4
@@ -320,3 +324,65 @@ def test_without_diag_reads_only_within_task_query_block():
     qq = [c for c in rec.calls if set(c[0].tolist()) <= test_idx and set(c[1].tolist()) <= test_idx
           and set(c[0].tolist()) & q and set(c[1].tolist()) & q]
     assert len(qq) == 1 and set(qq[0][0].tolist()) == q == set(qq[0][1].tolist())
+
+
+# ---------------------------------------------------------------------------------------------- label embeddings
+
+
+def brute_embedding_predict(feats, emb, train_specs, test_spec, *, ridge, normalise):
+    """SPEC.md 2.1 densely: training targets = class centroids of the embeddings in each task (support and query),
+    test support targets = the support embeddings; F = r_t + psi_t psi_tr^T (Phi + lambda I)^-1 (Y - R)."""
+    k = feats @ feats.T
+    psi_tr, resid = [], []
+    for s, sl, q, ql in train_specs:
+        labels = np.concatenate([sl, ql])
+        idx = np.concatenate([s, q])
+        cent = {c: emb[idx[labels == c]].mean(0) for c in np.unique(labels)}
+        t = np.linalg.inv(k[np.ix_(s, s)] + ridge * np.eye(len(s)))
+        psi_tr.append(feats[q] - k[np.ix_(q, s)] @ t @ feats[s])
+        y_s, y_q = np.stack([cent[c] for c in sl]), np.stack([cent[c] for c in ql])
+        resid.append(y_q - k[np.ix_(q, s)] @ t @ y_s)
+    psi_tr, resid = np.concatenate(psi_tr), np.concatenate(resid)
+    s, sl, q, _ = test_spec
+    t = np.linalg.inv(k[np.ix_(s, s)] + ridge * np.eye(len(s)))
+    psi_t = feats[q] - k[np.ix_(q, s)] @ t @ feats[s]
+    r_t = k[np.ix_(q, s)] @ t @ emb[s]
+    if normalise:
+        psi_tr = psi_tr / np.linalg.norm(psi_tr, axis=1, keepdims=True)
+        psi_t = psi_t / np.linalg.norm(psi_t, axis=1, keepdims=True)
+    phi = psi_tr @ psi_tr.T
+    f = r_t + psi_t @ psi_tr.T @ np.linalg.solve(phi + ridge * np.eye(len(phi)), resid)
+    d = ((f[:, None, :] - emb[s][None, :, :]) ** 2).sum(-1)  # nearest test-support embedding
+    return f, sl[d.argmin(1)], r_t
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_embedding_mode_prediction_matches_brute_force(normalise):
+    feats = make_pool()
+    emb = np.random.default_rng(9).normal(size=(N_POOL, 5))
+    specs = make_tasks(6)
+    kb, ops = build(feats, specs)
+    train = []
+    for op, (s, sl, q, ql) in zip(ops[:4], specs[:4]):
+        y = centroid_targets(emb[np.concatenate([s, q])], np.concatenate([sl, ql]))
+        train.append(with_targets(op, y[:len(s)], y[len(s):]))
+    fit = mnk_fit(train, mnk_train_matrix(kb, train), normalise_phi=normalise)
+    for op, spec in zip(ops[4:], specs[4:]):
+        s, sl, q, ql = spec
+        test = with_targets(op, emb[s], emb[q])
+        want_f, want_labels, want_r = brute_embedding_predict(feats, emb, specs[:4], spec, ridge=1e-5,
+                                                              normalise=normalise)
+        got_f = mnk_predict(kb, train, test, fit=fit)
+        np.testing.assert_allclose(test.r_q, want_r, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(got_f, want_f, rtol=1e-6, atol=1e-7 * np.abs(want_f).max())
+        np.testing.assert_allclose(test.r_q + phi_test(kb, train, test, fit) @ fit.alpha, got_f, rtol=1e-12)
+        np.testing.assert_array_equal(nearest_support(got_f, test.y_s, sl), want_labels)
+
+
+def test_centroid_targets_and_nearest_support():
+    emb = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0], [4.0, 0.0]])
+    np.testing.assert_allclose(centroid_targets(emb, np.array([1, 1, 0, 1])),
+                               [[2, 0], [2, 0], [10, 10], [2, 0]])
+    support = np.array([[0.0, 0.0], [10.0, 10.0]])
+    np.testing.assert_array_equal(nearest_support(np.array([[1.0, 1.0], [9.0, 8.0]]), support, np.array([4, 7])),
+                                  [4, 7])

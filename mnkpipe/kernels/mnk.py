@@ -12,7 +12,7 @@ of the full Phi_train, and a tile of Phi_train is assembled from ``phi_block`` c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -129,6 +129,24 @@ def support_regression(k_xs, T, y_s) -> np.ndarray:
     return np.asarray(k_xs, dtype=np.float64) @ (np.asarray(T) @ np.asarray(y_s, dtype=np.float64))
 
 
+def centroid_targets(emb, labels) -> np.ndarray:
+    """Y[i] = mean of emb[j] over the images j with labels[j] = labels[i]: each image's class centroid in its task."""
+    emb, labels = np.asarray(emb, dtype=np.float64), np.asarray(labels)
+    if emb.ndim != 2 or len(emb) != len(labels):
+        raise ValueError(f"embeddings {emb.shape} and labels {labels.shape} do not match")
+    classes, inverse = np.unique(labels, return_inverse=True)
+    sums = np.zeros((len(classes), emb.shape[1]))
+    np.add.at(sums, inverse, emb)
+    return (sums / np.bincount(inverse)[:, None])[inverse]
+
+
+def nearest_support(scores, support_targets, support_labels) -> np.ndarray:
+    """Predicted label of each row of F: the label of the nearest support target, argmin_j ||F(x) - Y'_j||."""
+    f, y = np.asarray(scores, dtype=np.float64), np.asarray(support_targets, dtype=np.float64)
+    d = (f * f).sum(1)[:, None] - 2 * f @ y.T + (y * y).sum(1)[None, :]
+    return np.asarray(support_labels)[d.argmin(1)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tasks
 
@@ -142,9 +160,9 @@ class TaskOps:
     T: np.ndarray  # (n_s, n_s) inner operator T_tau
     k_qs: np.ndarray  # (n_q, n_s) K(X_tau, X'_tau)
     k_ss: np.ndarray  # (n_s, n_s) K'_tau = K(X'_tau, X'_tau)
-    y_s: np.ndarray  # (n_s, way) centred one-hot Y'_tau
-    y_q: np.ndarray  # (n_q, way) centred one-hot Y_tau
-    r_q: np.ndarray  # (n_q, way) r_tau(X_tau)
+    y_s: np.ndarray  # (n_s, D) targets Y'_tau: centred one-hot (D = way), or label embeddings (with_targets)
+    y_q: np.ndarray  # (n_q, D) targets Y_tau
+    r_q: np.ndarray  # (n_q, D) r_tau(X_tau)
     q_diag: np.ndarray | None  # (n_q,) K(x, x) for x in X_tau, or None (then read from kb on demand)
 
     @property
@@ -153,6 +171,7 @@ class TaskOps:
 
     @property
     def way(self) -> int:
+        """Target dimension D: the number of ways for one-hot targets."""
         return self.y_s.shape[1]
 
     @property
@@ -182,6 +201,15 @@ def task_ops(kb: BlockReader, support, support_labels, query, query_labels, *, w
     q_diag = None if k_diag is None else np.asarray(k_diag, dtype=np.float64)[query]
     return TaskOps(support=support, query=query, T=T, k_qs=k_qs, k_ss=k_ss, y_s=y_s, y_q=y_q,
                    r_q=support_regression(k_qs, T, y_s), q_diag=q_diag)
+
+
+def with_targets(op: TaskOps, y_s, y_q) -> TaskOps:
+    """The task with other regression targets Y'_tau, Y_tau (e.g. label embeddings) and r_tau(X_tau) = K T Y'_tau."""
+    y_s, y_q = np.asarray(y_s, dtype=np.float64), np.asarray(y_q, dtype=np.float64)
+    if y_s.shape[0] != len(op.support) or y_q.shape[0] != op.n_q or y_s.shape[1:] != y_q.shape[1:]:
+        raise ValueError(f"targets {y_s.shape} / {y_q.shape} do not fit {len(op.support)} support and {op.n_q} "
+                         "query images with one target dimension")
+    return replace(op, y_s=y_s, y_q=y_q, r_q=support_regression(op.k_qs, op.T, y_s))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,12 +357,17 @@ def mnk_predict(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, *, phi
     if not train:
         return test.r_q.copy()
     if test.way != fit.alpha.shape[1]:
-        raise ValueError(f"test task has {test.way} ways; the training tasks have {fit.alpha.shape[1]}")
+        raise ValueError(f"test task has {test.way} target dimensions; the training tasks have {fit.alpha.shape[1]}")
+    return test.r_q + phi_test(kb, train, test, fit) @ fit.alpha
+
+
+def phi_test(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, fit: MNKFit) -> np.ndarray:
+    """Phi(X_t, X_train), cosine-normalised Phi_ti / sqrt(Phi_tt Phi_ii) when the fit is (the meta term is this @ alpha)."""
     phi_t = phi_cross(kb, test, train)
     if fit.normalise_phi:
         scale = fit.phi_train_diag.max()
         phi_t = phi_t * _inv_sqrt(phi_diag(kb, test), scale)[:, None] * _inv_sqrt(fit.phi_train_diag, scale)[None, :]
-    return test.r_q + phi_t @ fit.alpha
+    return phi_t
 
 
 def accuracy(scores, labels) -> float:
