@@ -147,12 +147,26 @@ def verify_cmd(store, repair, cpus, address):
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
+def _int_list(ctx, param, text):
+    """A comma-separated list of integers ("1,2,4"), or None when the option is not given."""
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+
+
 def _counts(text):
     return [int(c) for c in text.split(",")] if text else None
 
 
+def _name_list(ctx, param, text):
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 def _show_results(store, out):
-    from .pipeline.evaluate import results_dir
+    from .evaluation.results import results_dir
     d = results_dir(store, out)
     click.echo((d / "results.md").read_text())
     click.echo(f"-> {d}")
@@ -160,29 +174,44 @@ def _show_results(store, out):
 
 @main.command("evaluate")
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="A computed store.")
-@click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
-@click.option("--seeds", default=3, show_default=True, help="Random nested training subsets per count.")
+@click.option("--train-tasks", callback=_int_list,
+              help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Random nested training subsets per count.")
 @click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
-@click.option("--methods", default="mnk,cntk_support,pixel_1nn", show_default=True, help="Kernel methods to run.")
-@click.option("--ridge", default=1e-5, show_default=True, help="Ridge on base and meta kernels.")
-@click.option("--eta", default="inf", show_default=True, help="Inner-loop time (lr x steps); inf = converged.")
-@click.option("--t-outer", default="inf", show_default=True, help="Outer-loop time; inf = converged.")
+@click.option("--methods", default="mnk,meta_term,r_t,embedding_1nn,pixel_1nn", show_default=True,
+              callback=_name_list, help="Kernel methods and ablations to run.")
+@click.option("--labels", default="onehot", show_default=True, callback=_name_list,
+              help="Label mode(s): onehot, embedding, or onehot,embedding (SPEC.md 2.1).")
+@click.option("--augment", default="1", show_default=True, callback=_int_list,
+              help="Task augmentation K (comma-separated for several): the tasks plus K-1 re-partitions of their "
+                   "classes.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="TOML whose [embedding] table sets the feature extractor [default: reference values].")
+@click.option("--ridge", default=1e-5, show_default=True, type=float, help="Ridge on base and meta kernels.")
+@click.option("--eta", default="inf", show_default=True, type=float,
+              help="Inner-loop time (lr x steps); inf = converged.")
+@click.option("--t-outer", default="inf", show_default=True, type=float, help="Outer-loop time; inf = converged.")
 @click.option("--no-normalise", is_flag=True, help="No cosine normalisation of K and Phi.")
-@click.option("--cpus", type=int, help="CPU workers for the meta-kernel tiles.")
+@click.option("--phi-tile-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Tile size of the meta-kernel arrays.")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for the meta-kernel tiles.")
 @click.option("--address", help="Ray cluster for the meta-kernel tiles.")
 @click.option("--no-progress", is_flag=True)
-def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, no_normalise, cpus, address,
-                 no_progress):
-    """Meta-test accuracy vs number of training tasks: MNK, support-only CNTK (r_t) and pixel 1-NN.
+def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, config, ridge, eta, t_outer, no_normalise,
+                 phi_tile_size, cpus, address, no_progress):
+    """Meta-test accuracy vs number of training tasks: MNK and its ablations (meta term alone, r_t, embedding
+    1-NN, pixel 1-NN), in one or both label modes, with and without task augmentation.
 
-    Writes results.json, results.csv, results.md and accuracy.png. The train x train meta-kernel is stored as the
-    tiled array `mnk` in the store (resumable); nothing else in the store is changed.
+    Never writes into the store (it may be read-only): the meta-kernel arrays and the extractors' checkpoints live
+    under the results folder, keyed by their settings, so a rerun or a sweep reuses them. Writes results.json,
+    results.csv, results.md and accuracy.png there.
     """
-    from .pipeline.evaluate import evaluate
+    from .evaluation.evaluate import evaluate
     try:
-        evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
-                 ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
-                 address=address, progress=not no_progress)
+        evaluate(store, train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels,
+                 augment=augment, config=config, ridge=ridge, eta=eta, t_outer=t_outer, normalise=not no_normalise,
+                 phi_tile_size=phi_tile_size, cpus=cpus, address=address, progress=not no_progress)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
     _show_results(store, out)
@@ -203,7 +232,7 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, out, n
 
     Resumable: checkpoints live in <results>/checkpoints. Results join results.json beside the kernel methods.
     """
-    from .pipeline.baselines_run import baseline_settings, run_baselines
+    from .evaluation.baselines_run import baseline_settings, run_baselines
     try:
         settings = baseline_settings(config, meta_steps=meta_steps)
         run_baselines(store, methods=methods.split(","), train_counts=_counts(train_tasks), seeds=seeds,
@@ -216,14 +245,16 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, out, n
 @main.command("report")
 @click.option("--store", type=click.Path(file_okay=False), help="Store whose results to render.")
 @click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
-def report_cmd(store, out):
+@click.option("--x", "x", default="tasks", show_default=True, type=click.Choice(["tasks", "characters"]),
+              help="x-axis of the figure: training tasks or training characters (classes).")
+def report_cmd(store, out, x):
     """Render results.json (all methods) as results.md, results.csv and accuracy.png, and print the table."""
-    from .pipeline.evaluate import results_dir
-    from .pipeline.report import render
+    from .evaluation.report import render
+    from .evaluation.results import results_dir
     if not (store or out):
         raise click.UsageError("give --store or --out")
     try:
-        paths = render(results_dir(store, out))
+        paths = render(results_dir(store, out), x=x)
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(paths["md"].read_text())

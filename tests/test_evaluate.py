@@ -1,31 +1,31 @@
-"""evaluate / baselines / report on a real smoke store: files, sane values, and clear errors for bad input."""
+"""evaluate / baselines / report on a real smoke store: files, sane values, derived data outside the (read-only)
+store, task augmentation, and clear errors for bad input."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 from mnkpipe.cli import main
+from mnkpipe.data import TaskSet
+from mnkpipe.evaluation.augment import augment_tasks
+from mnkpipe.evaluation.baselines_run import baseline_settings, run_baselines
+from mnkpipe.evaluation.evaluate import evaluate
+from mnkpipe.evaluation.labels import extractor_training_set
+from mnkpipe.evaluation.phi import (ARRAY, CachedGram, kernel_reader, phi_attrs, phi_key, phi_settings, read_phi,
+                                    task_ops_list)
+from mnkpipe.evaluation.protocol import train_subsets
 from mnkpipe.kernels import mnk
-from mnkpipe.pipeline.baselines_run import baseline_settings, run_baselines
 from mnkpipe.pipeline.driver import compute_kernel
-from mnkpipe.pipeline.evaluate import evaluate, train_subsets
-from mnkpipe.pipeline.mnk_tiles import mnk_settings, reader_for, task_ops_list
-from mnkpipe.store import StoreError, open_store
+from mnkpipe.store import StoreError, TiledGroup, open_store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke_store(tmp_path_factory, omniglot_root, monkeypatch_module):
-    monkeypatch_module.setenv("MNKPIPE_DATA", str(omniglot_root))
-    monkeypatch_module.setenv("RAY_AUTH_MODE", "disabled")
-    path = tmp_path_factory.mktemp("eval") / "smoke.zarr"
-    compute_kernel(REPO / "configs" / "smoke.toml", path, cpus=2, progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -35,38 +35,128 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def smoke_store(tmp_path_factory, omniglot_root, monkeypatch_module):
+    """The smoke store, made read-only (chmod) once computed: evaluate must never need to write into it."""
+    monkeypatch_module.setenv("MNKPIPE_DATA", str(omniglot_root))
+    monkeypatch_module.setenv("RAY_AUTH_MODE", "disabled")
+    path = tmp_path_factory.mktemp("eval") / "smoke.zarr"
+    compute_kernel(REPO / "configs" / "smoke.toml", path, cpus=2, progress=False)
+    set_writable(path, False)
+    yield path
+    set_writable(path, True)
+
+
+def set_writable(path: Path, writable: bool) -> None:
+    for p in [path, *path.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode | stat.S_IWUSR if writable else mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
 def snapshot(store_path: Path) -> dict:
-    """Bytes of everything in the store except the mnk array evaluate may add."""
-    return {p.relative_to(store_path): p.read_bytes() for p in sorted(store_path.rglob("*"))
-            if p.is_file() and not p.relative_to(store_path).parts[0].startswith("mnk")}
+    """Every file of the store with its bytes and modification time (root ignores chmod: compare contents too)."""
+    return {p.relative_to(store_path): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(store_path.rglob("*"))
+            if p.is_file()}
 
 
-def test_evaluate_writes_all_files_with_sane_values(smoke_store, tmp_path):
+def writable_copy(store: Path, dest: Path) -> Path:
+    shutil.copytree(store, dest)
+    set_writable(dest, True)
+    return dest
+
+
+def test_evaluate_on_read_only_store_writes_results_and_phi_outside(smoke_store, tmp_path):
+    assert not os.stat(smoke_store / "zarr.json").st_mode & stat.S_IWUSR
     before = snapshot(smoke_store)
     out = tmp_path / "res"
-    r = evaluate(smoke_store, train_counts=[1, 2, 4], seeds=2, out=out, cpus=2, progress=False)
+    r = evaluate(smoke_store, train_counts=[1, 2, 4], seeds=2, out=out, augment=[1, 2], cpus=2, progress=False)
+    assert snapshot(smoke_store) == before  # nothing written into the store, not even a meta-kernel array
     for f in ("results.json", "results.csv", "results.md", "accuracy.png"):
         assert (out / f).stat().st_size > 0, f
-    assert set(r["methods"]) == {"mnk", "cntk_support", "pixel_1nn"}
+    assert set(r["methods"]) == {"mnk/onehot/K1", "mnk/onehot/K2", "meta_term/onehot/K1", "meta_term/onehot/K2",
+                                 "r_t/onehot", "pixel_1nn"}
     for m in r["methods"].values():
-        assert m["n_train_tasks"] == [1, 2, 4]
+        assert m["n_train_tasks"] == [1, 2, 4] and m["seeds"] == 2
+        assert m["n_train_characters"] == [3, 6, 12] and m["n_train_images"] == [12, 24, 48]
+        assert np.array(m["per_seed"]).shape == (3, 2, 3)
         for mean, (lo, hi), per_task in zip(m["mean"], m["ci95"], m["per_task"]):
             assert 0 <= lo <= mean <= hi <= 1
             assert len(per_task) == 3 and all(0 <= a <= 1 for a in per_task)
-    assert snapshot(smoke_store) == before  # only the mnk array was added
-    assert "mnk" in open_store(smoke_store).root
     saved = json.loads((out / "results.json").read_text())
-    assert saved["methods"]["mnk"]["mean"] == r["methods"]["mnk"]["mean"]
+    assert saved["fingerprint"] == open_store(smoke_store).manifest["fingerprint"]
+    assert saved["config"]["kernel"]["depth"] == 3 and saved["mnkpipe_version"] and saved["date"]
+    assert saved["git_commit"] and saved["methods"]["mnk/onehot/K2"]["hyperparameters"]["augment"] == 2
+    # one Phi group for K = 1 (all training tasks) and one per (count, seed) for K = 2, each with its settings
+    groups = sorted((out / "phi").iterdir())
+    assert len(groups) == 1 + 3 * 2
+    for g in groups:
+        attrs = dict(zarr.open_group(str(g), mode="r").attrs)
+        assert attrs["gram_fingerprint"] == saved["fingerprint"] and attrs["gram_store"] == str(smoke_store)
+        assert g.name == phi_key(attrs) and {"ridge", "eta", "normalise_k", "augment"} <= set(attrs)
+        assert TiledGroup(g).missing_tiles(ARRAY) == []
 
 
-def test_stored_meta_kernel_matches_dense_phi_train(smoke_store, tmp_path):
-    evaluate(smoke_store, train_counts=[4], seeds=1, out=tmp_path, methods=["mnk"], cpus=2, progress=False)
+def test_stored_meta_kernels_match_dense_phi_train(smoke_store, tmp_path):
+    evaluate(smoke_store, train_counts=[2], seeds=1, out=tmp_path, methods=["mnk"], augment=[1, 3], cpus=2,
+             progress=False)
     store = open_store(smoke_store)
-    settings = mnk_settings()
-    kb = reader_for(store, settings)
-    ops = task_ops_list(kb, store.episodes().train, settings)
-    dense = mnk.mnk_train_matrix(kb, ops)
-    assert np.allclose(store.read_gram("mnk"), dense, rtol=1e-12, atol=1e-12)
+    settings = phi_settings()
+    kb, _ = kernel_reader(store, settings)
+    train = store.episodes().train
+    subset = train_subsets(train.n_tasks, [2], 0)[2]
+    for k, tasks in [(1, train), (3, augment_tasks(train.subset(subset), 3, np.random.default_rng([0, 3, *subset])))]:
+        path = tmp_path / "phi" / phi_key(phi_attrs(store, settings, k, subset, 0))
+        dense = mnk.mnk_train_matrix(kb, task_ops_list(kb, tasks, settings))
+        assert np.allclose(read_phi(path), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_interrupted_evaluate_reruns_and_reuses_phi(smoke_store, tmp_path):
+    """A Phi group whose creation stopped after its attributes, or whose tiles are partly done, is completed."""
+    kw = dict(train_counts=[1, 2], seeds=1, methods=["mnk"], augment=[1, 2], cpus=2, progress=False)
+    first = evaluate(smoke_store, out=tmp_path / "a", **kw)
+    groups = sorted((tmp_path / "a" / "phi").iterdir())
+    g0 = zarr.open_group(str(groups[0]), mode="r+")
+    for name in (ARRAY, f"{ARRAY}_plan", f"{ARRAY}_crc32"):  # as if stopped right after writing the attributes
+        del g0[name]
+    zarr.open_group(str(groups[1]), mode="r+")[f"{ARRAY}_crc32"][0, 0] = -1  # as if stopped before a tile
+    again = evaluate(smoke_store, out=tmp_path / "a", **kw)
+    assert again["methods"] == first["methods"]
+    assert sorted((tmp_path / "a" / "phi").iterdir()) == groups
+
+
+def test_augment_tasks_repartitions_the_same_images():
+    rng = np.random.default_rng(0)
+    way, shot, query, t = 3, 1, 2, 4
+    classes = rng.choice(50, size=(t, way), replace=False)
+    images = np.arange(t * way * (shot + query)).reshape(t, way, shot + query)
+    tasks = TaskSet(images[:, :, :shot].reshape(t, -1), np.repeat(np.arange(way), shot)[None].repeat(t, 0),
+                    images[:, :, shot:].reshape(t, -1), np.repeat(np.arange(way), query)[None].repeat(t, 0), classes)
+    aug = augment_tasks(tasks, 5, rng)
+    assert aug.n_tasks == 5 * t and np.array_equal(aug.subset(range(t)).support, tasks.support)  # first: as sampled
+    assert augment_tasks(tasks, 1, rng).n_tasks == t
+    cls_of = {int(i): int(classes[ti, c]) for ti in range(t) for c in range(way) for i in images[ti, c]}
+    for k in range(5):
+        part = aug.subset(range(k * t, (k + 1) * t))
+        assert np.array_equal(np.sort(part.image_ids()), np.arange(images.size))  # same images, each once
+        for ti in range(t):
+            assert len(set(part.classes[ti])) == way
+            for idx, lab in ((part.support[ti], part.support_labels[ti]), (part.query[ti], part.query_labels[ti])):
+                assert all(cls_of[int(i)] == part.classes[ti, c] for i, c in zip(idx, lab))  # labels follow classes
+    assert not np.array_equal(aug.subset(range(t, 2 * t)).classes, tasks.classes)
+    with pytest.raises(ValueError, match="--augment"):
+        augment_tasks(tasks, 0, rng)
+
+
+def test_extractor_sees_only_training_task_images(smoke_store):
+    store = open_store(smoke_store)
+    ep = store.episodes()
+    subset = train_subsets(ep.train.n_tasks, [2], 0)[2]
+    idx, classes = extractor_training_set(ep.train.subset(subset))
+    assert np.array_equal(idx, ep.train.subset(subset).image_ids())
+    assert not set(idx.tolist()) & set(ep.test.image_ids().tolist())
+    assert set(classes.tolist()) == set(ep.train.classes[subset].ravel().tolist())
+    test_bytes = {x.tobytes() for x in store.images(ep.test.image_ids())}
+    assert not any(x.tobytes() in test_bytes for x in store.images()[idx])
 
 
 def test_nested_training_subsets():
@@ -76,26 +166,41 @@ def test_nested_training_subsets():
     assert not np.array_equal(train_subsets(16, [4], 0)[4], train_subsets(16, [4], 1)[4])
 
 
-def test_bad_input_errors(smoke_store, tmp_path):
-    with pytest.raises(ValueError, match="holds 4"):
-        evaluate(smoke_store, train_counts=[8], out=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="unknown method"):
-        evaluate(smoke_store, methods=["mnk", "svm"], out=tmp_path, progress=False)
-    incomplete = tmp_path / "incomplete.zarr"
-    shutil.copytree(smoke_store, incomplete)
+@pytest.mark.parametrize("args, option", [
+    (["--seeds", "0"], "--seeds"), (["--train-tasks", "abc"], "--train-tasks"), (["--eta", "abc"], "--eta"),
+    (["--eta", "-1"], "--eta"), (["--labels", "words"], "--labels"), (["--augment", "0"], "--augment"),
+    (["--augment", "x"], "--augment"), (["--train-tasks", "99"], "holds 4"), (["--methods", "mnk,svm"], "--methods"),
+])
+def test_cli_bad_input_names_the_option_and_writes_nothing(smoke_store, tmp_path, args, option):
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, ["evaluate", "--store", str(smoke_store), "--out", str(out), "--no-progress", *args])
+    assert r.exit_code != 0 and option in r.output, r.output
+    assert "Traceback" not in r.output and not isinstance(r.exception, (AttributeError, TypeError, KeyError))
+    assert not out.exists()
+
+
+def test_store_errors(smoke_store, tmp_path):
+    incomplete = writable_copy(smoke_store, tmp_path / "incomplete.zarr")
     st = open_store(incomplete, mode="r+")
     for t in st.planned_tiles()[:3]:
         st.clear_record(*t)
     with pytest.raises(StoreError, match=r"3 of \d+ Gram tiles are not done.*compute-kernel"):
-        evaluate(incomplete, out=tmp_path, progress=False)
-    no_episodes = tmp_path / "noepisodes.zarr"
-    shutil.copytree(smoke_store, no_episodes)
+        evaluate(incomplete, out=tmp_path / "r1", progress=False)
+    no_episodes = writable_copy(smoke_store, tmp_path / "noepisodes.zarr")
     shutil.rmtree(no_episodes / "episodes")
     with pytest.raises(StoreError, match="holds no episodes"):
-        evaluate(no_episodes, out=tmp_path, progress=False)
-    r = CliRunner().invoke(main, ["evaluate", "--store", str(smoke_store), "--train-tasks", "99", "--out",
-                                  str(tmp_path)])
-    assert r.exit_code != 0 and "holds 4" in r.output
+        evaluate(no_episodes, out=tmp_path / "r2", progress=False)
+
+
+def test_results_of_another_store_are_never_merged(smoke_store, tmp_path):
+    out = tmp_path / "res"
+    evaluate(smoke_store, train_counts=[1], seeds=1, out=out, methods=["pixel_1nn"], progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    saved["fingerprint"], saved["store"] = "0" * 64, "/elsewhere/other.zarr"
+    (out / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"other\.zarr.*000000000000.*smoke\.zarr"):
+        evaluate(smoke_store, train_counts=[1], seeds=1, out=out, methods=["pixel_1nn"], progress=False)
+    assert json.loads((out / "results.json").read_text()) == saved
 
 
 def test_baselines_join_results_and_report_renders_all_methods(smoke_store, tmp_path):
@@ -105,15 +210,18 @@ def test_baselines_join_results_and_report_renders_all_methods(smoke_store, tmp_
     r = run_baselines(smoke_store, train_counts=[1, 4], seeds=1, settings=settings, out=out, progress=False)
     for m in ("maml", "imaml"):
         assert all(0 <= a <= 1 for a in r["methods"][m]["mean"])
+        assert r["methods"][m]["n_train_characters"] == [3, 12] and r["methods"][m]["hyperparameters"]["filters"] == 8
         assert "BatchNorm" in r["methods"][m]["note"] and "validation tasks" in r["methods"][m]["note"]
     with pytest.raises(ValueError, match="unknown baseline method"):
         run_baselines(smoke_store, methods=["reptile"], out=out, progress=False)
-    res = CliRunner().invoke(main, ["report", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    for label in ("MNK", "r_t", "1-NN", "MAML", "iMAML"):
+    for x in ("characters", "tasks"):
+        res = CliRunner().invoke(main, ["report", "--out", str(out), "--x", x])
+        assert res.exit_code == 0, res.output
+    for label in ("MNK", "r_t", "1-NN", "MAML", "iMAML", "| seeds |", "12 ch."):
         assert label in res.output
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["methods"]) == {"mnk", "cntk_support", "pixel_1nn", "maml", "imaml"}
+    assert set(saved["methods"]) == {"mnk/onehot/K1", "meta_term/onehot/K1", "r_t/onehot", "pixel_1nn", "maml",
+                                     "imaml"}
 
 
 def test_lake_runs_protocol_end_to_end(tmp_path, omniglot_root, monkeypatch_module):
@@ -129,15 +237,16 @@ def test_lake_runs_protocol_end_to_end(tmp_path, omniglot_root, monkeypatch_modu
     assert ep.test.n_tasks == 20 and ep.test.way == 20 and ep.test.support.shape == (20, 20)
     r = evaluate(store, train_counts=[1, 2], seeds=1, out=tmp_path / "res", cpus=2, progress=False)
     assert r["n_test_tasks"] == 20 and r["way"] == 20
-    for m in r["methods"].values():
+    for key, m in r["methods"].items():
         assert all(len(pt) == 20 for pt in m["per_task"])
-        assert all(1 / 20 <= a <= 1 for a in m["mean"])  # above or at chance on 20-way
+        if not key.startswith("meta_term"):  # the one-hot meta term alone is at chance by design (SPEC.md 2.1)
+            assert all(1 / 20 <= a <= 1 for a in m["mean"])
 
 
-def test_tile_by_tile_reader_equals_in_memory_reader(smoke_store):
-    from mnkpipe.pipeline.mnk_tiles import base_reader
+def test_cached_reader_equals_the_stored_gram(smoke_store):
     st = open_store(smoke_store)
-    mem, tiles = base_reader(st), base_reader(st, max_bytes=0)
+    g = st.read_gram()
+    small = CachedGram(st, max_bytes=1)  # keeps one tile at a time: every block re-read tile by tile
     rows, cols = np.array([0, 5, 60, 2]), np.array([3, 70, 1])
-    assert np.array_equal(mem(rows, cols), tiles(rows, cols))
-    assert np.array_equal(mem.diag, tiles.diag)
+    assert np.array_equal(small(rows, cols), g[np.ix_(rows, cols)])
+    assert np.array_equal(small.diag, np.diag(g)) and len(small.tiles) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..store import StoreError, StoreLock, create_store, describe_differences, open_store
+from ..store import StoreError, StoreLock, TiledGroup, create_store, describe_differences, open_store
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
 from .plan import plan_full, plan_mnk, tile_pairs
@@ -80,25 +80,29 @@ def _start_ray(address: str | None, gpus: int, cpus: int | None):
     return True
 
 
-def _make_workers(store_path, gpus: int, cpus: int | None):
+def _make_workers(source, store_path, name: str, gpus: int, cpus: int | None):
     """gpus > 0: one cupy actor per GPU; else one single-threaded CPU actor per CPU."""
     import ray
     from ..workers.tile import make_ray_worker
     worker = make_ray_worker()
+    args = (source, str(store_path), name)
     if gpus:
         total = int(ray.cluster_resources().get("GPU", 0))
         if total < gpus:
             raise RuntimeError(f"--gpus {gpus} asked for, but the Ray cluster has {total} GPUs")
-        return [worker.options(num_gpus=1, num_cpus=1).remote(str(store_path), "cupy", 1) for _ in range(gpus)]
+        return [worker.options(num_gpus=1, num_cpus=1).remote(*args, "cupy", 1) for _ in range(gpus)]
     n = cpus or int(ray.cluster_resources().get("CPU", os.cpu_count()))
-    return [worker.options(num_cpus=1).remote(str(store_path), "cpu", 1) for _ in range(n)]
+    return [worker.options(num_cpus=1).remote(*args, "cpu", 1) for _ in range(n)]
 
 
-def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None = None, address: str | None = None,
-              progress: bool = True, in_flight_per_worker: int = 2) -> dict:
-    """Dispatch the missing tiles of array `name`; at most in_flight_per_worker tiles per worker at a time."""
+def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpus: int | None = None,
+              address: str | None = None, progress: bool = True, in_flight_per_worker: int = 2) -> dict:
+    """Dispatch the missing tiles of the tiled array `name` in the Zarr group store_path, computed by the tile
+    source (workers/tile.py; default: the CNTK of the store's images); at most in_flight_per_worker per worker."""
     import ray
-    store = open_store(store_path, mode="r+")
+    from ..workers.tile import CNTKSource
+    source = source or CNTKSource(store_path)
+    store = open_store(store_path, mode="r+") if name == "gram" else TiledGroup(store_path, mode="r+")
     todo = deque(store.missing_tiles(name))
     planned = store.planned_tiles(name)
     total_pairs = sum(tile_pairs(store, *t, name) for t in planned)
@@ -115,7 +119,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
     t0 = time.time()
     workers_seen = {}
     try:
-        workers = _make_workers(store_path, gpus, cpus)
+        workers = _make_workers(source, store_path, name, gpus, cpus)
         free = deque(w for w in workers for _ in range(in_flight_per_worker))
         pending = {}
         bar = tqdm(total=total_pairs, initial=done_pairs, unit="pair", unit_scale=True, disable=not progress,
@@ -125,7 +129,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
             while todo and free:
                 w = free.popleft()
                 bi, bj = todo.popleft()
-                pending[w.run.remote(bi, bj, name)] = (w, (bi, bj))
+                pending[w.run.remote(bi, bj)] = (w, (bi, bj))
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 w, tile = pending.pop(ref)

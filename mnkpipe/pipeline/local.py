@@ -5,7 +5,7 @@ import time
 from tqdm import tqdm
 
 from ..store import StoreLock
-from ..workers.tile import TileComputer
+from ..workers.tile import CNTKSource, TileComputer
 from .config import load_config
 from .driver import prepare_store
 from .plan import tile_pairs
@@ -17,7 +17,7 @@ def compute_local(config, store_path, *, backend: str = "cpu", data: str | None 
     with StoreLock(store_path, command=f"compute_local({backend})"):
         store = prepare_store(cfg, store_path, data=data)
         todo = store.missing_tiles()
-        worker = TileComputer(store_path, backend=backend)
+        worker = TileComputer(CNTKSource(store_path), store_path, backend=backend)
         t0 = time.perf_counter()
         pairs = compute = 0.0
         for bi, bj in tqdm(todo, desc=f"tiles ({backend})", disable=not progress):

@@ -1,13 +1,15 @@
 """MAML and iMAML on exactly the store's episodes: the same training subsets as evaluate, validation-selected."""
 
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import numpy as np
 
 from ..baselines.train import BaselineSettings, run_baseline
 from ..store import open_store
-from .evaluate import _summary, check_counts, default_counts, results_dir, train_subsets, write_results
+from .protocol import check_counts, default_counts, subset_size, train_subsets
+from .report import write_results
+from .results import method_record, results_dir, results_header
 
 METHODS = ("maml", "imaml")
 
@@ -45,8 +47,9 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
     val = ep.val.remap(np.arange(len(val_images)) + store.n)  # the pool and shift their indices
     out_dir = results_dir(store.path, out)
     ckpt_root = out_dir / "checkpoints"
-    results = {"store": str(store.path), "n_test_tasks": ep.test.n_tasks, "way": ep.way, "shot": ep.shot,
-               "methods": {}}
+    results = results_header(store)
+    sizes = {n: [subset_size(ep.train, sub[n]) for sub in (train_subsets(ep.train.n_tasks, counts, s)
+                                                            for s in range(seeds))] for n in counts}
     for method in methods:
         per = {n: np.zeros((seeds, ep.test.n_tasks)) for n in counts}
         info = {}
@@ -59,12 +62,12 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
                 per[n][s] = r["test_acc"]
                 info[f"n{n}-s{s}"] = {"best_step": r["best_step"], "best_val_acc": r.get("best_val_acc")}
                 bn = r["bn_mode"]
-        summary = _summary(counts, per)
+        summary = method_record(counts, per, sizes, asdict(settings))
         summary["note"] = (f"{bn} Checkpoint chosen on {ep.val.n_tasks} validation tasks from training-split classes "
                            f"unused by the training tasks; {settings.meta_steps} meta-steps; "
                            f"{time.time() - t0:.0f} s in all.")
         summary["runs"] = info
         results["methods"][method] = summary
-        write_results(results, out_dir, merge=True)
+        write_results(results, out_dir)
     return results
 

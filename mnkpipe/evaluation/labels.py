@@ -1,0 +1,84 @@
+"""Label modes (SPEC.md 2.1): centred one-hot labels, or label embeddings from a feature extractor trained on the
+images of the training tasks only; their regression targets and how predictions are decoded."""
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..data import TaskSet
+from ..kernels import mnk
+
+LABEL_MODES = ("onehot", "embedding")
+
+
+def embedding_settings(config_path=None):
+    """EmbeddingSettings from the [embedding] table of a TOML file (reference values where absent)."""
+    from ..baselines.extractor import EmbeddingSettings
+    table = {}
+    if config_path:
+        try:
+            with open(config_path, "rb") as f:
+                table = tomllib.load(f).get("embedding", {})
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {config_path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{config_path}: not valid TOML: {e}") from None
+    names = {f.name for f in fields(EmbeddingSettings)}
+    unknown = set(table) - names
+    if unknown:
+        raise ValueError(f"{config_path} [embedding]: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(names))}")
+    return EmbeddingSettings(**table)
+
+
+def extractor_training_set(tasks: TaskSet) -> tuple[np.ndarray, np.ndarray]:
+    """(pool indices, global class ids) of every image of the tasks, support and query: the extractor's data."""
+    idx = np.concatenate([tasks.support, tasks.query], axis=1).ravel()
+    cls = np.concatenate([np.take_along_axis(tasks.classes, tasks.support_labels, 1),
+                          np.take_along_axis(tasks.classes, tasks.query_labels, 1)], axis=1).ravel()
+    idx, first = np.unique(idx, return_index=True)
+    return idx, cls[first]
+
+
+def extractor_dir(results: Path, fingerprint: str, subset, seed: int, settings) -> Path:
+    """<results>/extractors/<key>/: checkpoints of the extractor of one training subset and seed, with key.json."""
+    key = {"gram_fingerprint": fingerprint, "train_tasks": [int(i) for i in subset], "seed": int(seed),
+           "settings": asdict(settings)}
+    path = Path(results) / "extractors" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "key.json").write_text(json.dumps(key, indent=1))
+    return path
+
+
+def pool_embeddings(images: np.ndarray, train: TaskSet, settings, *, seed: int, checkpoint_dir: Path,
+                    progress: bool = True) -> np.ndarray:
+    """(N, D) embeddings of the whole pool by an extractor trained on the images of `train` (global class labels)."""
+    from ..baselines.extractor import train_extractor
+    idx, classes = extractor_training_set(train)
+    extractor = train_extractor(images[idx], classes, settings, seed=seed, checkpoint_dir=checkpoint_dir,
+                                progress=progress)
+    return extractor.embed(images)
+
+
+def embedding_targets(op: mnk.TaskOps, labels_s, labels_q, emb: np.ndarray, *, test: bool) -> mnk.TaskOps:
+    """A training task's targets: each image's class centroid in the task (support and query); a test task's:
+    its support embeddings (and, for its queries, their class's support centroid, never used to predict)."""
+    e_s, e_q = emb[op.support], emb[op.query]
+    if test:
+        y_s = e_s
+        centroids = {c: e_s[labels_s == c].mean(0) for c in np.unique(labels_s)}
+        y_q = np.stack([centroids[c] for c in labels_q])
+    else:
+        y = mnk.centroid_targets(np.concatenate([e_s, e_q]), np.concatenate([labels_s, labels_q]))
+        y_s, y_q = y[:len(e_s)], y[len(e_s):]
+    return mnk.with_targets(op, y_s, y_q)
+
+
+def decode(scores: np.ndarray, op: mnk.TaskOps, labels_s, mode: str) -> np.ndarray:
+    """Predicted labels: argmax of F for one-hot targets, the label of the nearest support embedding otherwise."""
+    if mode == "onehot":
+        return scores.argmax(1)
+    return mnk.nearest_support(scores, op.y_s, labels_s)

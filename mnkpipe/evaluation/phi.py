@@ -1,0 +1,150 @@
+"""Meta-kernel arrays Phi_train (SPEC.md sec. 2) as tiled Zarr groups under the results folder, never in the store.
+
+Each group <results>/phi/<key>/ holds one tiled array `mnk` (with `mnk_plan`, `mnk_crc32`) over the stacked queries
+of its training tasks, and attributes written when the group is created: the Gram store's fingerprint and path and
+every setting the key covers. Its tiles are computed by the Ray driver from a PhiSource, which reads only the Gram
+tiles it needs (a bounded cache of them), never the whole Gram.
+"""
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..data import TaskSet
+from ..kernels import mnk
+from ..store import StoreError, TiledGroup, add_tiled_array, open_store
+
+INF = mnk.INF
+ARRAY = "mnk"
+FORMAT = "mnkpipe-phi/1"
+
+
+def phi_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True) -> dict:
+    """What Phi_train depends on besides the Gram and the tasks: ridge and eta of the inner operator, cosine K."""
+    return {"ridge": float(ridge), "eta": str(float(eta)), "normalise_k": bool(normalise)}
+
+
+class CachedGram:
+    """The block reader K(rows, cols) of a store's Gram: whole upper tiles read through Store.gram_block once and kept,
+    least recently used dropped beyond max_bytes; .diag is K_ii over the pool."""
+
+    def __init__(self, store, max_bytes: float = 1e9):
+        self.store, self.max_bytes = store, max_bytes
+        self.tiles: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.read_s = 0.0
+        self.diag = np.concatenate([np.diag(self.tile(b, b)) for b in range(store.n_blocks)])
+
+    def tile(self, bi: int, bj: int) -> np.ndarray:
+        """Upper tile (bi <= bj) of the Gram."""
+        key = (bi, bj)
+        if key in self.tiles:
+            self.tiles.move_to_end(key)
+            return self.tiles[key]
+        t0 = time.perf_counter()
+        r, c = self.store.block_range(bi), self.store.block_range(bj)
+        t = self.store.gram_block(np.arange(r.start, r.stop), np.arange(c.start, c.stop))
+        self.read_s += time.perf_counter() - t0
+        self.tiles[key] = t
+        self.bytes += t.nbytes
+        while self.bytes > self.max_bytes and len(self.tiles) > 1:
+            self.bytes -= self.tiles.popitem(last=False)[1].nbytes
+        return t
+
+    def __call__(self, rows, cols) -> np.ndarray:
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        ts = self.store.tile_size
+        out = np.empty((len(rows), len(cols)))
+        rb, cb = rows // ts, cols // ts
+        for bi in np.unique(rb):
+            ri = np.flatnonzero(rb == bi)
+            for bj in np.unique(cb):
+                ci = np.flatnonzero(cb == bj)
+                if bi <= bj:
+                    out[np.ix_(ri, ci)] = self.tile(bi, bj)[np.ix_(rows[ri] - bi * ts, cols[ci] - bj * ts)]
+                else:
+                    out[np.ix_(ri, ci)] = self.tile(bj, bi)[np.ix_(cols[ci] - bj * ts, rows[ri] - bi * ts)].T
+        return out
+
+
+def kernel_reader(store, settings: dict, max_bytes: float = 1e9):
+    """The (cosine-normalised when settings say so) base-kernel reader of a store, and its raw CachedGram."""
+    gram = CachedGram(store, max_bytes)
+    return (mnk.cosine_normalised(gram, gram.diag) if settings["normalise_k"] else gram), gram
+
+
+def task_ops_list(kb, tasks: TaskSet, settings: dict) -> list:
+    """TaskOps (T_tau, r_tau with centred one-hot labels, ...) of every task in a TaskSet."""
+    return [mnk.task_ops(kb, s, sl, q, ql, way=tasks.way, eta=float(settings["eta"]), ridge=settings["ridge"])
+            for s, sl, q, ql in zip(tasks.support, tasks.support_labels, tasks.query, tasks.query_labels)]
+
+
+class PhiSource:
+    """Tile source (workers/tile.py) of Phi_train over the stacked queries of `tasks`, from the store's Gram."""
+
+    def __init__(self, store_path, tasks: TaskSet, settings: dict, max_bytes: float = 1e9):
+        self.store_path, self.tasks, self.settings, self.max_bytes = str(store_path), tasks, settings, max_bytes
+        self.kb = self.gram = self.ops = None
+
+    def start(self, backend: str) -> None:
+        self.kb, self.gram = kernel_reader(open_store(self.store_path), self.settings, self.max_bytes)
+        self.ops = task_ops_list(self.kb, self.tasks, self.settings)
+
+    def tile(self, rows: slice, cols: slice) -> tuple[np.ndarray, float]:
+        """Phi_train[rows, cols], and the seconds spent reading Gram tiles for it."""
+        before = self.gram.read_s
+        t = mnk.phi_tile(self.kb, self.ops, rows, cols)
+        return t, self.gram.read_s - before
+
+
+def phi_attrs(store, settings: dict, augment: int, subset=None, seed=None) -> dict:
+    """What a Phi group covers: the store (fingerprint, path), the settings, and for augmented tasks (which depend on
+    the training subset and the seed that drew them) those too."""
+    a = {"format": FORMAT, "gram_fingerprint": store.manifest["fingerprint"], "gram_store": str(store.path),
+         **settings, "augment": int(augment)}
+    if augment > 1:
+        a.update(train_tasks=[int(i) for i in subset], seed=int(seed))
+    return a
+
+
+def phi_key(attrs: dict) -> str:
+    """Folder name of a Phi group: a hash of its attributes except the store's path (a moved store keeps its Phi)."""
+    covered = {k: v for k, v in attrs.items() if k != "gram_store"}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_phi(results: Path, attrs: dict, tasks: TaskSet, tile_size: int) -> Path:
+    """Create <results>/phi/<key>/ with its attributes first, then its tiled `mnk` array (full plan); or check an
+    existing group's attributes. Safe to rerun after an interruption at any point."""
+    path = Path(results) / "phi" / phi_key(attrs)
+    if (path / "zarr.json").exists():
+        root = zarr.open_group(str(path), mode="r+")
+        have = dict(root.attrs)
+        if have != attrs:
+            raise StoreError(f"{path} holds a meta-kernel array for other settings ({have}); move it away")
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(path), mode="w-")
+        root.attrs.update(attrs)
+    if f"{ARRAY}_crc32" not in root:  # add_tiled_array creates it last
+        m = int(tasks.query.size)
+        for name in (ARRAY, f"{ARRAY}_plan"):  # a creation interrupted half-way
+            if name in root:
+                del root[name]
+        nb = -(-m // tile_size)
+        add_tiled_array(root, ARRAY, m, tile_size, "float64", np.triu(np.ones((nb, nb), bool)))
+    return path
+
+
+def read_phi(path: Path) -> np.ndarray:
+    """The whole Phi_train of a finished group."""
+    g = TiledGroup(path)
+    missing = g.missing_tiles(ARRAY)
+    if missing:
+        raise StoreError(f"{path}: {len(missing)} meta-kernel tiles are not done; rerun the same evaluate")
+    return g.read_symmetric(ARRAY)

@@ -1,0 +1,113 @@
+"""results.json (merged, same store only) rendered as a CSV, a Markdown table and a PNG plot of accuracy against
+the number of training tasks or characters."""
+
+import csv
+import json
+from pathlib import Path
+
+from .results import merged, method_label
+
+ORDER = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn", "maml", "imaml")
+X_AXES = {"tasks": ("n_train_tasks", "number of training tasks"),
+          "characters": ("n_train_characters", "number of training characters (classes)")}
+
+
+def write_results(results: dict, out: Path) -> Path:
+    """results.json (merged with the methods already there, refused if they come from another store), then render."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = merged(path, results)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    render(out)
+    return path
+
+
+def _methods(results: dict):
+    rank = {m: i for i, m in enumerate(ORDER)}
+    return sorted(results["methods"], key=lambda k: (rank.get(k.split("/")[0], len(ORDER)), k))
+
+
+def render(out_dir, x: str = "tasks") -> dict:
+    """Write results.csv, results.md and accuracy.png from results.json in out_dir; returns the paths."""
+    if x not in X_AXES:
+        raise ValueError(f"--x must be one of {', '.join(X_AXES)}; got {x!r}")
+    out = Path(out_dir)
+    path = out / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no results.json in {out}: run `mnkpipe evaluate` (and `mnkpipe baselines`) first")
+    results = json.loads(path.read_text())
+    methods = _methods(results)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "n_train_tasks", "n_train_characters", "n_train_images", "seeds", "accuracy",
+                    "ci95_low", "ci95_high", "n_test_tasks"])
+        for k in methods:
+            r = results["methods"][k]
+            for n, c, i, m, (lo, hi), pt in zip(r["n_train_tasks"], r["n_train_characters"], r["n_train_images"],
+                                                r["mean"], r["ci95"], r["per_task"]):
+                w.writerow([k, n, f"{c:g}", f"{i:g}", r["seeds"], f"{m:.4f}", f"{lo:.4f}", f"{hi:.4f}", len(pt)])
+    (out / "results.md").write_text(_table(results, methods))
+    _plot(results, methods, out / "accuracy.png", x)
+    return {"csv": out / "results.csv", "md": out / "results.md", "png": out / "accuracy.png"}
+
+
+def _table(results: dict, methods) -> str:
+    counts = sorted({n for k in methods for n in results["methods"][k]["n_train_tasks"]})
+    chars = {}
+    for k in methods:
+        r = results["methods"][k]
+        chars.update(zip(r["n_train_tasks"], r["n_train_characters"]))
+    lines = [f"Meta-test accuracy (%), {results.get('way', '?')}-way {results.get('shot', '?')}-shot, "
+             f"{results.get('n_test_tasks', '?')} test tasks; mean over test tasks (each averaged over the seeds) "
+             "with 95% t-interval. Columns: training tasks (training characters).", "",
+             "| method | seeds | " + " | ".join(f"{n} ({chars[n]:g} ch.)" for n in counts) + " |",
+             "|---|---|" + "---|" * len(counts)]
+    for k in methods:
+        r = results["methods"][k]
+        cell = {n: f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                for n, m, (lo, hi) in zip(r["n_train_tasks"], r["mean"], r["ci95"])}
+        lines.append(f"| {method_label(k)} | {r['seeds']} | " + " | ".join(cell.get(n, "") for n in counts) + " |")
+    for k in methods:
+        note = results["methods"][k].get("note")
+        if note:
+            lines.append(f"\n{method_label(k)}: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict, methods, png: Path, x: str) -> None:
+    """Error bars dodged sideways (a small factor on the log x-axis per method), chance level, seeds in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key, xlabel = X_AXES[x]
+    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=120)
+    step = 2 ** 0.035
+    for i, k in enumerate(methods):
+        r = results["methods"][k]
+        dodge = step ** (i - (len(methods) - 1) / 2)
+        xs = [v * dodge for v in r[key]]
+        m = [100 * v for v in r["mean"]]
+        err = [[100 * (v - lo) for v, (lo, _) in zip(r["mean"], r["ci95"])],
+               [100 * (hi - v) for v, (_, hi) in zip(r["mean"], r["ci95"])]]
+        flat = k.split("/")[0] in ("r_t", "pixel_1nn", "embedding_1nn", "meta_term")
+        ax.errorbar(xs, m, yerr=err, marker="o", markersize=4, capsize=2, linewidth=1,
+                    label=f"{method_label(k)} ({r['seeds']} seeds)", linestyle="--" if flat else "-")
+    way = results.get("way")
+    if way:
+        ax.axhline(100 / way, color="grey", linewidth=1, linestyle=":", label=f"chance ({100 / way:.0f}%)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({v for k in methods for v in results["methods"][k][key]})
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("meta-test accuracy (%)")
+    ax.set_title(f"{results.get('way', '?')}-way {results.get('shot', '?')}-shot, "
+                 f"{results.get('n_test_tasks', '?')} test tasks (95% CI over test tasks)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""What results.json holds: its header (store, config, versions), one record per method, and merging that refuses
+results of another store."""
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+
+METHOD_NAMES = {"mnk": "MNK", "meta_term": "MNK meta term alone", "r_t": "CNTK on test support only (r_t)",
+                "embedding_1nn": "1-NN in the extractor's embedding space", "pixel_1nn": "1-NN on pixels",
+                "maml": "MAML (2nd order)", "imaml": "iMAML (CG)"}
+
+
+def method_key(method: str, labels: str | None = None, augment: int | None = None) -> str:
+    """results.json key of a method variant: mnk/embedding/K15, r_t/onehot, pixel_1nn, maml, ..."""
+    return "/".join([method] + ([labels] if labels else []) + ([f"K{augment}"] if augment else []))
+
+
+def method_label(key: str) -> str:
+    """Human label of a method key: 'MNK, embedding labels, tasks x15'."""
+    method, *rest = key.split("/")
+    parts = [METHOD_NAMES.get(method, method)]
+    for r in rest:
+        parts.append(f"tasks x{r[1:]}" if r.startswith("K") else f"{r} labels")
+    return ", ".join(parts)
+
+
+def results_dir(store_path, out=None) -> Path:
+    """Where evaluate/baselines/report write: --out, or <store>-results beside the store."""
+    if out:
+        return Path(out)
+    p = Path(store_path).resolve()
+    return p.with_name(p.name + "-results")
+
+
+def ci95(per_task: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over test tasks (each task's accuracy averaged over seeds first), clipped to [0, 1]."""
+    x = np.asarray(per_task, float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, m, m
+    h = _t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return m, max(0.0, m - h), min(1.0, m + h)
+
+
+def _t975(df: int) -> float:
+    """The 97.5% quantile of Student's t (table for small df, normal approximation with a correction beyond)."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+             12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+    if df in table:
+        return table[df]
+    below = max(k for k in table if k <= df) if df > 1 else 1
+    return table[below] if df < 120 else 1.96 + 2.4 / df
+
+
+def method_record(counts, per: dict, sizes: dict, hyperparameters: dict, note: str | None = None) -> dict:
+    """One method's results: per[n] is a (seeds, test tasks) accuracy array and sizes[n] the (characters, images)
+    of each seed's training subset at count n; mean and 95% CI over test tasks of the seed-averaged accuracy."""
+    out = {"n_train_tasks": [], "n_train_characters": [], "n_train_images": [], "sizes_per_seed": [], "mean": [],
+           "ci95": [], "per_task": [], "per_seed": [], "seeds": int(per[counts[0]].shape[0]),
+           "hyperparameters": hyperparameters}
+    for n in counts:
+        acc = np.asarray(per[n], float)
+        m, lo, hi = ci95(acc.mean(0))
+        out["n_train_tasks"].append(int(n))
+        out["n_train_characters"].append(float(np.mean([c for c, _ in sizes[n]])))
+        out["n_train_images"].append(float(np.mean([i for _, i in sizes[n]])))
+        out["sizes_per_seed"].append([[int(c), int(i)] for c, i in sizes[n]])
+        out["mean"].append(m)
+        out["ci95"].append([lo, hi])
+        out["per_task"].append(acc.mean(0).tolist())
+        out["per_seed"].append(acc.tolist())
+    if note:
+        out["note"] = note
+    return out
+
+
+def results_header(store) -> dict:
+    """Where the numbers come from: store path and fingerprint, its config, mnkpipe version and git commit, date."""
+    ep = store.episodes()
+    return {"format": "mnkpipe-results/1", "store": str(store.path), "fingerprint": store.manifest["fingerprint"],
+            "config": store.manifest["config"], "mnkpipe_version": __version__, "git_commit": _git_commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_test_tasks": ep.test.n_tasks, "way": ep.way,
+            "shot": ep.shot, "methods": {}}
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout mnkpipe runs from (with '+dirty' when it has uncommitted changes), None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def check_same_store(path: Path, old: dict, new: dict) -> None:
+    """Refuse to merge results of two different stores (fingerprints), naming both."""
+    if old.get("fingerprint") != new.get("fingerprint"):
+        raise ValueError(f"{path} holds results of store {old.get('store')} (fingerprint "
+                         f"{str(old.get('fingerprint'))[:12]}), not of {new.get('store')} (fingerprint "
+                         f"{str(new.get('fingerprint'))[:12]}); refusing to merge them: use another --out")
+
+
+def merged(path: Path, results: dict) -> dict:
+    """results with the methods already in the results.json at path (same store only) that it does not redo."""
+    if not path.exists():
+        return results
+    old = json.loads(path.read_text())
+    check_same_store(path, old, results)
+    return dict(results, methods={**old.get("methods", {}), **results["methods"]})
