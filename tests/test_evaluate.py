@@ -159,6 +159,39 @@ def test_extractor_sees_only_training_task_images(smoke_store):
     assert not any(x.tobytes() in test_bytes for x in store.images()[idx])
 
 
+def test_embedding_mode_trains_on_training_task_images_only(smoke_store, tmp_path, monkeypatch):
+    """The exact arrays handed to train_extractor: images of the subset's training tasks, global class labels;
+    no test image among them. The extractor's checkpoints live under the results folder, keyed by subset and seed."""
+    import mnkpipe.baselines.extractor as ex
+    calls, real = [], ex.train_extractor
+
+    def spy(images, labels, settings, **kw):
+        calls.append((np.array(images), np.array(labels), kw["checkpoint_dir"]))
+        return real(images, labels, settings, **kw)
+
+    monkeypatch.setattr(ex, "train_extractor", spy)
+    cfg = tmp_path / "emb.toml"
+    cfg.write_text("[embedding]\nchannels = 8\nepochs = 2\n")
+    out = tmp_path / "res"
+    r = evaluate(smoke_store, train_counts=[1, 4], seeds=2, out=out, labels=["onehot", "embedding"], config=cfg,
+                 cpus=2, progress=False)
+    store = open_store(smoke_store)
+    ep, pool = store.episodes(), store.images()
+    test_images = {x.tobytes() for x in pool[ep.test.image_ids()]}
+    assert len(calls) == 4 and len({c[2] for c in calls}) == 4
+    for (images, labels, ckpt), (s, n) in zip(calls, [(0, 1), (0, 4), (1, 1), (1, 4)]):
+        sub = ep.train.subset(train_subsets(ep.train.n_tasks, [n], s)[n])
+        assert not any(x.tobytes() in test_images for x in images)
+        assert np.array_equal(images, pool[sub.image_ids()])
+        classes = {i: sub.classes[t, c] for part in (("support", "support_labels"), ("query", "query_labels"))
+                   for t in range(sub.n_tasks) for i, c in zip(getattr(sub, part[0])[t], getattr(sub, part[1])[t])}
+        assert labels.tolist() == [classes[i] for i in sub.image_ids()]
+        assert ckpt.parent == out / "extractors" and (ckpt / "key.json").exists()
+    for key in ("mnk/embedding/K1", "meta_term/embedding/K1", "r_t/embedding", "embedding_1nn"):
+        assert r["methods"][key]["hyperparameters"]["embedding"]["channels"] == 8
+        assert all(0 <= a <= 1 for a in r["methods"][key]["mean"])
+
+
 def test_nested_training_subsets():
     s = train_subsets(16, [1, 2, 4, 8, 16], seed=3)
     for a, b in [(1, 2), (2, 4), (4, 8), (8, 16)]:
