@@ -283,3 +283,17 @@ def test_cached_reader_equals_the_stored_gram(smoke_store):
     rows, cols = np.array([0, 5, 60, 2]), np.array([3, 70, 1])
     assert np.array_equal(small(rows, cols), g[np.ix_(rows, cols)])
     assert np.array_equal(small.diag, np.diag(g)) and len(small.tiles) == 1
+
+
+def test_reference_config_and_embedding_table(tmp_path):
+    from mnkpipe.evaluation.labels import embedding_settings
+    from mnkpipe.pipeline.config import ConfigError, load_config
+    ref = REPO / "configs" / "omniglot-5w1s-reference.toml"
+    cfg = load_config(ref)  # an [embedding] table is accepted beside [baselines]
+    assert (cfg.data.image_size, cfg.data.pad, cfg.kernel.depth, cfg.tasks.query) == (28, 32, 20, 19)
+    assert cfg.tasks.train_tasks * cfg.tasks.way == 20 and cfg.tasks.test_tasks >= 100
+    assert embedding_settings(ref).channels == 250
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[embedding]\nchannels = "many"\n')
+    with pytest.raises(ConfigError, match=r"bad\.toml \[embedding\]: channels"):
+        embedding_settings(bad)

@@ -4,34 +4,37 @@ images of the training tasks only; their regression targets and how predictions 
 import hashlib
 import json
 import tomllib
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ..data import TaskSet
 from ..kernels import mnk
+from ..pipeline.config import ConfigError, _section
 
 LABEL_MODES = ("onehot", "embedding")
 
 
 def embedding_settings(config_path=None):
-    """EmbeddingSettings from the [embedding] table of a TOML file (reference values where absent)."""
+    """EmbeddingSettings from the [embedding] table of a TOML file (reference values where absent), types and ranges
+    checked; errors name the file and the key."""
     from ..baselines.extractor import EmbeddingSettings
-    table = {}
+    table, where = {}, "[embedding]"
     if config_path:
+        where = f"{config_path} [embedding]"
         try:
             with open(config_path, "rb") as f:
                 table = tomllib.load(f).get("embedding", {})
         except FileNotFoundError:
-            raise ValueError(f"config file not found: {config_path}") from None
+            raise ConfigError(f"--config: file not found: {config_path}") from None
         except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{config_path}: not valid TOML: {e}") from None
-    names = {f.name for f in fields(EmbeddingSettings)}
-    unknown = set(table) - names
-    if unknown:
-        raise ValueError(f"{config_path} [embedding]: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(names))}")
-    return EmbeddingSettings(**table)
+            raise ConfigError(f"{config_path}: not valid TOML: {e}") from None
+        if not isinstance(table, dict):
+            raise ConfigError(f"{config_path}: [embedding] must be a table")
+    s = _section(EmbeddingSettings, table, where)
+    s.validate(where)
+    return s
 
 
 def extractor_training_set(tasks: TaskSet) -> tuple[np.ndarray, np.ndarray]:

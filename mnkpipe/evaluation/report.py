@@ -93,8 +93,9 @@ def _plot(results: dict, methods, png: Path, x: str) -> None:
         err = [[100 * (v - lo) for v, (lo, _) in zip(r["mean"], r["ci95"])],
                [100 * (hi - v) for v, (_, hi) in zip(r["mean"], r["ci95"])]]
         flat = k.split("/")[0] in ("r_t", "pixel_1nn", "embedding_1nn", "meta_term")
-        ax.errorbar(xs, m, yerr=err, marker="o", markersize=4, capsize=2, linewidth=1,
-                    label=f"{method_label(k)} ({r['seeds']} seeds)", linestyle="--" if flat else "-")
+        ax.errorbar(xs, m, yerr=err, marker="os^Dv"[i % 5], markersize=4, capsize=2, linewidth=1,
+                    color=plt.cm.tab20(i % 20), label=f"{method_label(k)} ({r['seeds']} seeds)",
+                    linestyle="--" if flat else "-")
     way = results.get("way")
     if way:
         ax.axhline(100 / way, color="grey", linewidth=1, linestyle=":", label=f"chance ({100 / way:.0f}%)")

@@ -68,10 +68,11 @@ class ExperimentConfig:
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{f.name}] must be a table")
             parts[f.name] = _section(f.default_factory, table, f"{where} [{f.name}]")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"baselines"}  # [baselines]: mnkpipe baselines
+        # [baselines]: mnkpipe baselines; [embedding]: the label-embedding extractor of mnkpipe evaluate
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"baselines", "embedding"}
         if unknown:
             raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; expected [data], [tasks], [kernel], "
-                              "[compute] and optionally [baselines]")
+                              "[compute] and optionally [baselines] and [embedding]")
         cfg = cls(**parts)
         cfg.validate(where)
         return cfg
