@@ -23,6 +23,7 @@ from mnkpipe.evaluation.phi import (ARRAY, CachedGram, kernel_reader, phi_attrs,
 from mnkpipe.evaluation.protocol import train_subsets
 from mnkpipe.kernels import mnk
 from mnkpipe.pipeline.driver import compute_kernel
+from mnkpipe.pipeline.ray_session import start_ray, stop_ray
 from mnkpipe.store import StoreError, TiledGroup, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,11 +40,10 @@ def monkeypatch_module():
 def ray_instance(monkeypatch_module):
     """One local Ray instance for the module: every run_tiles call (Gram and meta-kernel arrays) joins it instead
     of starting and stopping its own."""
-    import ray
     monkeypatch_module.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray(None, cpus=2)
     yield
-    ray.shutdown()
+    stop_ray()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from ..kernels import mnk
 from ..pipeline.driver import run_tiles
+from ..pipeline.ray_session import start_ray, stop_ray
 from ..store import StoreError, open_store
 from .augment import augment_tasks
 from .labels import LABEL_MODES, decode, embedding_settings, embedding_targets, extractor_dir, pool_embeddings
@@ -89,61 +90,54 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
 
     pixel_acc = [np.mean(pixel_1nn(images, test.support[i], test.support_labels[i], test.query[i])
                          == test.query_labels[i]) for i in range(test.n_tasks)]
-    full_phi = None
-    if meta_methods and 1 in augment:
-        full_phi = _phi_train(store, out, settings, ep.train, phi_attrs(store, settings, 1), phi_tile_size,
-                              max_bytes, cpus, address, progress)
-    offsets = np.cumsum([0] + [ep.train.query.shape[1]] * n_train)
-    bar = tqdm(total=seeds * len(counts), desc="evaluate (count, seed)", disable=not progress)
-    for s in range(seeds):
-        for n, subset in train_subsets(n_train, counts, s).items():
-            sizes[n].append(subset_size(ep.train, subset))
-            train = ep.train.subset(subset)
-            if "pixel_1nn" in keys:  # the same at every count and seed
-                per["pixel_1nn"][n][s] = pixel_acc
-            emb = None
-            if "embedding" in labels:
-                ckpt = extractor_dir(out, results["fingerprint"], subset, s, emb_settings)
-                emb = pool_embeddings(images, train, emb_settings, seed=s, checkpoint_dir=ckpt, progress=progress)
-            tests = {"onehot": test_ops}
-            if emb is not None:
-                tests["embedding"] = [embedding_targets(t, sl, ql, emb, test=True) for t, sl, ql in
-                                      zip(test_ops, test.support_labels, test.query_labels)]
-                if "embedding_1nn" in keys:
-                    score("embedding_1nn", n, s, lambda i: mnk.nearest_support(
-                        emb[test.query[i]], emb[test.support[i]], test.support_labels[i]))
-            for lab in labels:
-                if "r_t" in methods:
-                    score(method_key("r_t", lab), n, s,
-                          lambda i: decode(tests[lab][i].r_q, tests[lab][i], test.support_labels[i], lab))
-            for k in augment if meta_methods else []:
-                if k == 1:
-                    tasks = train
-                    rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in subset])
-                    phi = full_phi[np.ix_(rows, rows)]
-                else:
-                    tasks = augment_tasks(train, k, np.random.default_rng([s, k, *subset]))
-                    phi = _phi_train(store, out, settings, tasks, phi_attrs(store, settings, k, subset, s),
-                                     phi_tile_size, max_bytes, cpus, address, progress)
-                ops = task_ops_list(kb, tasks, settings)
-                phi_t = None
+    started = start_ray(address, cpus=cpus) if meta_methods else False  # one Ray instance for all Phi arrays
+    try:
+        full_phi = None
+        if meta_methods and 1 in augment:
+            full_phi = _phi_train(store, out, settings, ep.train, phi_attrs(store, settings, 1), phi_tile_size,
+                                  max_bytes, cpus, address, progress)
+        offsets = np.cumsum([0] + [ep.train.query.shape[1]] * n_train)
+        bar = tqdm(total=seeds * len(counts), desc="evaluate (count, seed)", disable=not progress)
+        for s in range(seeds):
+            for n, subset in train_subsets(n_train, counts, s).items():
+                sizes[n].append(subset_size(ep.train, subset))
+                train = ep.train.subset(subset)
+                if "pixel_1nn" in keys:  # the same at every count and seed
+                    per["pixel_1nn"][n][s] = pixel_acc
+                emb = None
+                if "embedding" in labels:
+                    ckpt = extractor_dir(out, results["fingerprint"], subset, s, emb_settings)
+                    emb = pool_embeddings(images, train, emb_settings, seed=s, checkpoint_dir=ckpt, progress=progress)
+                tests = {"onehot": test_ops}
+                if emb is not None:
+                    tests["embedding"] = [embedding_targets(t, sl, ql, emb, test=True) for t, sl, ql in
+                                          zip(test_ops, test.support_labels, test.query_labels)]
+                    if "embedding_1nn" in keys:
+                        score("embedding_1nn", n, s, lambda i: mnk.nearest_support(
+                            emb[test.query[i]], emb[test.support[i]], test.support_labels[i]))
                 for lab in labels:
-                    train_ops = ops if lab == "onehot" else [
-                        embedding_targets(o, sl, ql, emb, test=False)
-                        for o, sl, ql in zip(ops, tasks.support_labels, tasks.query_labels)]
-                    fit = mnk.mnk_fit(train_ops, phi, ridge=ridge, t_outer=t_outer, normalise_phi=normalise)
-                    if phi_t is None:  # Phi(X_t, X_train) does not depend on the labels
-                        phi_t = [mnk.phi_test(kb, train_ops, t, fit) for t in test_ops]
-                    meta = [p @ fit.alpha for p in phi_t]
-                    tl = tests[lab]
-                    if "mnk" in methods:
-                        score(method_key("mnk", lab, k), n, s,
-                              lambda i: decode(tl[i].r_q + meta[i], tl[i], test.support_labels[i], lab))
-                    if "meta_term" in methods:
-                        score(method_key("meta_term", lab, k), n, s,
-                              lambda i: decode(meta[i], tl[i], test.support_labels[i], lab))
-            bar.update()
-    bar.close()
+                    if "r_t" in methods:
+                        score(method_key("r_t", lab), n, s,
+                              lambda i: decode(tests[lab][i].r_q, tests[lab][i], test.support_labels[i], lab))
+                for k in augment if meta_methods else []:
+                    if k == 1:
+                        tasks = train
+                        rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in subset])
+                        phi = full_phi[np.ix_(rows, rows)]
+                    else:
+                        tasks = augment_tasks(train, k, np.random.default_rng([s, k, *subset]))
+                        phi = _phi_train(store, out, settings, tasks, phi_attrs(store, settings, k, subset, s),
+                                         phi_tile_size, max_bytes, cpus, address, progress)
+                    preds = meta_predictions(kb, tasks, phi, tests, test.support_labels, emb, settings,
+                                             t_outer=t_outer)
+                    for (method, lab), predict in preds.items():
+                        if method in methods:
+                            score(method_key(method, lab, k), n, s, predict)
+                bar.update()
+        bar.close()
+    finally:
+        if started:
+            stop_ray()
     for key in keys:
         method, *rest = key.split("/")
         h = {} if method == "pixel_1nn" else dict(hyper)
@@ -156,6 +150,28 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
         results["methods"][key] = method_record(counts, per[key], sizes, h)
     write_results(results, out)
     return results
+
+
+def meta_predictions(kb, tasks, phi, tests: dict, support_labels, emb, settings: dict, *, t_outer: float) -> dict:
+    """{(method, label mode): i -> predicted labels of test task i} for MNK F = r_t + Phi(X_t, X_train) alpha and
+    its meta term alone Phi(X_t, X_train) alpha, alpha fitted on the training tasks' targets of each label mode
+    (tests: the test TaskOps of each label mode, support_labels: the test tasks' support labels, emb: the pool's
+    embeddings or None)."""
+    ops = task_ops_list(kb, tasks, settings)
+    onehot = tests["onehot"]
+    phi_t, out = None, {}
+    for lab, tl in tests.items():
+        train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb, test=False) for o, sl, ql in
+                                                 zip(ops, tasks.support_labels, tasks.query_labels)]
+        fit = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
+                          normalise_phi=settings["normalise_k"])
+        if phi_t is None:  # Phi(X_t, X_train) does not depend on the labels
+            phi_t = [mnk.phi_test(kb, train_ops, t, fit) for t in onehot]
+        meta = [p @ fit.alpha for p in phi_t]
+        out["mnk", lab] = lambda i, tl=tl, meta=meta, lab=lab: decode(tl[i].r_q + meta[i], tl[i], support_labels[i],
+                                                                      lab)
+        out["meta_term", lab] = lambda i, tl=tl, meta=meta, lab=lab: decode(meta[i], tl[i], support_labels[i], lab)
+    return out
 
 
 def _phi_train(store, out, settings, tasks, attrs, tile_size, max_bytes, cpus, address, progress) -> np.ndarray:
