@@ -207,6 +207,9 @@ def test_embedding_mode_trains_on_training_task_images_only(smoke_store, tmp_pat
     for key in ("mnk/embedding/K1", "meta_term/embedding/K1", "r_t/embedding", "embedding_1nn"):
         assert r["methods"][key]["hyperparameters"]["embedding"]["channels"] == 8
         assert all(0 <= a <= 1 for a in r["methods"][key]["mean"])
+    only = evaluate(smoke_store, train_counts=[1], seeds=1, out=tmp_path / "only", labels=["embedding"],
+                    methods=["mnk"], config=cfg, cpus=2, progress=False)
+    assert set(only["methods"]) == {"mnk/embedding/K1"}
 
 
 def test_nested_training_subsets():

@@ -108,7 +108,7 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
                 if "embedding" in labels:
                     ckpt = extractor_dir(out, results["fingerprint"], subset, s, emb_settings)
                     emb = pool_embeddings(images, train, emb_settings, seed=s, checkpoint_dir=ckpt, progress=progress)
-                tests = {"onehot": test_ops}
+                tests = {"onehot": test_ops} if "onehot" in labels else {}
                 if emb is not None:
                     tests["embedding"] = [embedding_targets(t, sl, ql, emb, test=True) for t, sl, ql in
                                           zip(test_ops, test.support_labels, test.query_labels)]
@@ -158,7 +158,6 @@ def meta_predictions(kb, tasks, phi, tests: dict, support_labels, emb, settings:
     (tests: the test TaskOps of each label mode, support_labels: the test tasks' support labels, emb: the pool's
     embeddings or None)."""
     ops = task_ops_list(kb, tasks, settings)
-    onehot = tests["onehot"]
     phi_t, out = None, {}
     for lab, tl in tests.items():
         train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb, test=False) for o, sl, ql in
@@ -166,7 +165,7 @@ def meta_predictions(kb, tasks, phi, tests: dict, support_labels, emb, settings:
         fit = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
                           normalise_phi=settings["normalise_k"])
         if phi_t is None:  # Phi(X_t, X_train) does not depend on the labels
-            phi_t = [mnk.phi_test(kb, train_ops, t, fit) for t in onehot]
+            phi_t = [mnk.phi_test(kb, train_ops, t, fit) for t in tl]
         meta = [p @ fit.alpha for p in phi_t]
         out["mnk", lab] = lambda i, tl=tl, meta=meta, lab=lab: decode(tl[i].r_q + meta[i], tl[i], support_labels[i],
                                                                       lab)
