@@ -193,21 +193,25 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, n
               help="The store whose episodes (same training subsets, same test tasks) the baselines use.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML with a [baselines] table.")
 @click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
-@click.option("--seeds", default=1, show_default=True, help="Seeds (training subsets) per count.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Seeds (training subsets) per count.")
 @click.option("--methods", default="maml,imaml", show_default=True)
-@click.option("--meta-steps", type=int, help="Override meta-training steps.")
+@click.option("--meta-steps", type=click.IntRange(min=1), help="Override meta-training steps.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Torch device; auto picks CUDA when torch sees one.")
 @click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
 @click.option("--no-progress", is_flag=True)
-def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, out, no_progress):
+def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device, out, no_progress):
     """MAML and iMAML on the store's episodes, checkpoints selected on validation tasks (never on test tasks).
 
-    Resumable: checkpoints live in <results>/checkpoints. Results join results.json beside the kernel methods.
+    Resumable: checkpoints live in <results>/checkpoints, keyed by the store's fingerprint and the settings.
+    Results join results.json beside the kernel methods (refused if it belongs to another store).
     """
     from .pipeline.baselines_run import baseline_settings, run_baselines
     try:
         settings = baseline_settings(config, meta_steps=meta_steps)
         run_baselines(store, methods=methods.split(","), train_counts=_counts(train_tasks), seeds=seeds,
-                      settings=settings, out=out, progress=not no_progress)
+                      settings=settings, out=out, progress=not no_progress, device=device)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
     _show_results(store, out)
