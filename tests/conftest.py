@@ -1,7 +1,9 @@
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,3 +30,72 @@ def golden():
     path = SHARED / "golden" / "cntk_neural_tangents.npz"
     assert path.exists(), f"golden CNTK values missing: {path}"
     return dict(np.load(path))
+
+
+# -- Ray processes: tests touch only the Ray instances they started ---------------------------------------------
+def free_port() -> int:
+    """A TCP port no one listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_processes(roots) -> list:
+    """roots and their descendants (for a driver: its private GCS, raylet and the raylet's workers), and every
+    process whose RAY_RAYLET_PID names one of their raylets."""
+    procs = {p.pid: p for r in roots for p in [r, *_children(r)]}
+    for p in workers_of(raylet_pids(procs.values())):
+        procs.setdefault(p.pid, p)
+    return list(procs.values())
+
+
+def raylet_pids(procs) -> set[int]:
+    return {p.pid for p in procs if _is_raylet(p)}
+
+
+def workers_of(raylets) -> list:
+    """The processes a raylet started (workers, agents): they carry its pid in RAY_RAYLET_PID."""
+    wanted, found = {str(pid) for pid in raylets}, []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("RAY_RAYLET_PID") in wanted:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def kill_processes(procs) -> None:
+    """SIGKILL each process (by pid, never by name) and reap those that are our children."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def kill_ray_tree(pid: int) -> None:
+    """SIGKILL process pid and the Ray instance it started, as a crash of its machine would; then the workers that
+    its raylets may have started in the meantime."""
+    try:
+        procs = ray_processes([psutil.Process(pid)])
+    except psutil.NoSuchProcess:
+        return
+    raylets = raylet_pids(procs)
+    kill_processes(procs)
+    kill_processes(workers_of(raylets))
+
+
+def _children(p) -> list:
+    try:
+        return p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _is_raylet(p) -> bool:
+    try:
+        return os.path.basename((p.cmdline() or [""])[0]) == "raylet"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False

@@ -4,7 +4,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import kill_ray_tree, ray_processes
 
 from mnkpipe.kernels import cntk
 from mnkpipe.pipeline.driver import compute_kernel
@@ -48,17 +48,10 @@ def start_driver(config, store) -> subprocess.Popen:
 
 
 def kill_group(p: subprocess.Popen) -> None:
-    """SIGKILL the driver and every Ray process it started, as a crash of its machine would.
-
-    Ray's worker processes lead sessions of their own, so they are found by name, not by process group."""
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL the driver and every process of the Ray instance it started (found by process tree and by their
+    raylet's pid, never by name), as a crash of its machine would."""
+    kill_ray_tree(p.pid)
     p.wait(timeout=30)
-    for q in psutil.process_iter(["cmdline"]):
-        if any(s.startswith("ray::") for s in (q.info["cmdline"] or [])[:1]):
-            q.kill()
 
 
 def tiles_done(store) -> int:
@@ -123,8 +116,8 @@ def test_worker_killed_mid_tile_job_finishes_identical(workdir, reference):
     p = start_driver(cfg, store)
     try:
         assert wait_for(lambda: tiles_done(store) >= 1), "no tile finished"
-        busy = lambda: [q for q in psutil.process_iter(["cmdline"])  # noqa: E731
-                        if "ray::TileWorker.run" in " ".join(q.info["cmdline"] or [])]
+        busy = lambda: [q for q in ray_processes([psutil.Process(p.pid)])  # noqa: E731 - ours only
+                        if "ray::TileWorker.run" in " ".join(q.cmdline())]
         assert wait_for(lambda: busy()), "no worker busy with a tile"
         victim = busy()[0]
         victim.kill()  # SIGKILL in the middle of a tile
@@ -198,26 +191,6 @@ def test_changed_config_or_tile_size_is_refused_and_nothing_changes(workdir, ref
     assert r.returncode != 0 and "compute.tile_size: store has 16, now 8" in r.stderr
     assert np.array_equal(open_store(ref_store).records(), before)
     assert not Path(f"{ref_store}.lock").exists()
-
-
-def test_two_node_ray_cluster(workdir, reference):
-    cfg, _, gram = reference
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port = 6399
-    store = workdir / "cluster.zarr"
-    try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--disable-usage-stats"], env=ENV, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                        "--disable-usage-stats"], env=ENV, check=True, capture_output=True, timeout=120)
-        r = cli("compute-kernel", "--config", cfg, "--store", store, "--address", f"127.0.0.1:{port}",
-                "--no-progress")
-        assert r.returncode == 0, r.stderr
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
-    nodes = {w["node"] for w in store_status(store)["workers"].values()}
-    assert len(nodes) == 2, nodes
-    assert np.array_equal(open_store(store).read_gram(), gram, equal_nan=True)
 
 
 def test_gpus_without_a_gpu_is_a_clear_error(workdir):

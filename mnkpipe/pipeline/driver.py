@@ -13,6 +13,7 @@ from ..store import StoreError, StoreLock, create_store, describe_differences, i
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
 from .plan import plan_full, plan_mnk, tile_pairs
+from .ray_session import start_ray, stop_ray
 
 
 def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None):
@@ -64,19 +65,6 @@ def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0
         return run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress)
 
 
-def _start_ray(address: str | None, gpus: int, cpus: int | None):
-    import ray
-    if ray.is_initialized():
-        return False
-    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only instance of our own: no token needed
-        ray.init(num_cpus=cpus or os.cpu_count(), num_gpus=gpus or None, **kw)
-    return True
-
-
 def _make_workers(store_path, gpus: int, cpus: int | None):
     """gpus > 0: one cupy actor per GPU; else one single-threaded CPU actor per CPU."""
     import ray
@@ -108,7 +96,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
         from ..kernels.cntk_cupy import available
         if not address and not available():
             raise RuntimeError("--gpus needs cupy and a usable CUDA device (pip install 'mnkpipe[gpu]'); none found")
-    started = _start_ray(address, gpus, cpus)
+    started = start_ray(address, cpus=cpus, gpus=gpus)
     t0 = time.time()
     workers_seen = {}
     try:
@@ -148,7 +136,7 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
         bar.close()
     finally:
         if started:
-            ray.shutdown()
+            stop_ray()
     summary["seconds"] = time.time() - t0
     summary["workers"] = workers_seen
     summary["n_workers"] = len(workers)

@@ -1,0 +1,102 @@
+"""A real two-node Ray cluster (started with `ray start` on free ports and a private temp dir, stopped by pid):
+joined on purpose with --address, and never joined without it."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import free_port, kill_processes, ray_processes
+
+from mnkpipe.kernels import cntk
+from mnkpipe.pipeline.inspect import store_status
+from mnkpipe.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.toml"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def cli(*args, env, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mnkpipe.cli", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def processes_of(temp_dir: str) -> list:
+    """The processes of the cluster whose temp dir is temp_dir (its GCS and raylets name it), and their workers."""
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in a for a in p.info["cmdline"] or []):
+            roots.append(p)
+    return ray_processes(roots)
+
+
+def node_ids(temp_dir: str) -> set[str]:
+    ids = set()
+    for p in processes_of(temp_dir):
+        try:
+            ids |= {a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_id=")}
+        except psutil.NoSuchProcess:
+            pass
+    return ids
+
+
+@pytest.fixture(scope="module")
+def env(omniglot_root):
+    return dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", MNKPIPE_DATA=str(omniglot_root),
+                PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def cluster(env):
+    """A head and a second node, one CPU each, on this machine: (address, temp dir)."""
+    temp_dir = tempfile.mkdtemp(prefix="mnkray", dir="/tmp")  # short: Ray's socket paths live under it
+    port = free_port()
+    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+              f"--dashboard-agent-listen-port={free_port()}"]
+    try:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                        *common], env=env, check=True,
+                       capture_output=True, timeout=180)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
+                       capture_output=True, timeout=180)
+        yield f"127.0.0.1:{port}", temp_dir
+    finally:
+        kill_processes(processes_of(temp_dir))  # by pid, never `ray stop`: other users' Ray jobs live here too
+
+
+def smoke_gram_is_right(store) -> None:
+    st = open_store(store)
+    g = st.read_gram()
+    done = np.isfinite(g)
+    assert done.any() and np.array_equal(g[done], cntk(st.images(), depth=3, backend="cpu")[done])
+
+
+def test_two_node_ray_cluster(cluster, env, tmp_path):
+    address, _ = cluster
+    store = tmp_path / "cluster.zarr"
+    r = cli("compute-kernel", "--config", SMOKE, "--store", store, "--address", address, "--no-progress", env=env)
+    assert r.returncode == 0, r.stderr
+    nodes = {w["node"] for w in store_status(store)["workers"].values()}
+    assert len(nodes) == 2, nodes
+    smoke_gram_is_right(store)
+
+
+def test_without_address_a_private_instance_even_beside_a_cluster(cluster, env, tmp_path):
+    """RAY_ADDRESS and the host's `ray start` cluster are ignored without --address (today: refused or joined)."""
+    address, temp_dir = cluster
+    store = tmp_path / "private.zarr"
+    ray_tmp = tempfile.mkdtemp(prefix="mnkpriv", dir="/tmp")
+    r = cli("compute-kernel", "--config", SMOKE, "--store", store, "--cpus", "1", "--no-progress",
+            env=dict(env, RAY_ADDRESS=address, RAY_TMPDIR=ray_tmp))
+    assert r.returncode == 0, r.stderr
+    # it ran in a session of its own and did not make itself the host's "current" cluster for plain ray.init()
+    assert (Path(ray_tmp) / "ray" / "session_latest").exists()
+    assert not (Path(ray_tmp) / "ray" / "ray_current_cluster").exists()
+    nodes = {w["node"] for w in store_status(store)["workers"].values()}
+    assert len(nodes) == 1 and not nodes & node_ids(temp_dir), (nodes, node_ids(temp_dir))
+    smoke_gram_is_right(store)
