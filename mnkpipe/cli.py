@@ -20,7 +20,8 @@ def main():
       mnkpipe compute-kernel --config configs/smoke.toml --store runs/smoke.zarr
       mnkpipe status runs/smoke.zarr
       mnkpipe evaluate --store runs/smoke.zarr
-    Data is found through --data or $MNKPIPE_DATA (the folder with the Omniglot zips).
+    Data is found through --data, else $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot (where `mnkpipe data download`
+    puts the Omniglot zips).
     """
 
 
@@ -31,26 +32,26 @@ def data():
 
 
 @data.command("info")
-@click.option("--data", "root", envvar="MNKPIPE_DATA", help="Omniglot folder (default: $MNKPIPE_DATA).")
+@click.option("--data", "root", help="Data folder (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
 def data_info(root):
-    """Alphabets, characters and images per split (read from the zip listings)."""
-    from .data import DataError, omniglot_info, resolve_data_root
+    """Omniglot: alphabets, characters and images per split. A class-folder dataset: classes and images per split."""
+    from .data import DataError, dataset_info, resolve_data_root
     try:
-        rows = omniglot_info(resolve_data_root(root))
+        rows = dataset_info(resolve_data_root(root))
     except DataError as e:
         _fail(e)
-    click.echo(f"{'split':<22}{'alphabets':>10}{'characters':>12}{'images':>9}  source")
+    click.echo(f"{'split':<22}{'groups':>10}{'classes':>12}{'images':>9}  source")
     for r in rows:
-        click.echo(f"{r['split']:<22}{r['alphabets']:>10}{r['characters']:>12}{r['images']:>9}  {r.get('source', '')}")
+        click.echo(f"{r['split']:<22}{r['groups']:>10}{r['classes']:>12}{r['images']:>9}  {r['source']}")
 
 
 @data.command("download")
-@click.option("--root", envvar="MNKPIPE_DATA", required=True, help="Where to put the zips (default: $MNKPIPE_DATA).")
+@click.option("--root", help="Where to put the zips (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
 def data_download(root):
     """Fetch the official Omniglot zips from the dataset's public GitHub location."""
-    from .data import DataError, download_omniglot
+    from .data import DataError, default_data_root, download_omniglot
     try:
-        for p in download_omniglot(root):
+        for p in download_omniglot(root or default_data_root()):
             click.echo(str(p))
     except DataError as e:
         _fail(e)
@@ -58,10 +59,12 @@ def data_download(root):
 
 # -- kernel ------------------------------------------------------------------------------------------------------
 @main.command("gram")
-@click.option("--data", envvar="MNKPIPE_DATA", help="Omniglot folder (default: $MNKPIPE_DATA).")
-@click.option("--n", default=8, show_default=True, help="Number of evaluation-split images.")
-@click.option("--depth", default=10, show_default=True, help="CNTK depth (depth - 1 conv layers).")
-@click.option("--size", default=28, show_default=True, help="Image size after resizing (then padded by 4).")
+@click.option("--data", help="Omniglot folder (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
+@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1), help="Number of evaluation-split images.")
+@click.option("--depth", default=10, show_default=True, type=click.IntRange(min=2),
+              help="CNTK depth (depth - 1 conv layers).")
+@click.option("--size", default=28, show_default=True, type=click.IntRange(min=3),
+              help="Image size after resizing (then padded by 4).")
 @click.option("--backend", default="auto", show_default=True, help="auto, cpu, reference or cupy.")
 def gram_cmd(data, n, depth, size, backend):
     """Print the CNTK Gram of a few real Omniglot images, with its timing: a quick look at the kernel."""
@@ -84,11 +87,14 @@ def gram_cmd(data, n, depth, size, backend):
 @main.command("compute-kernel")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="Experiment TOML (configs/).")
 @click.option("--store", required=True, type=click.Path(file_okay=False), help="Zarr store to create or resume.")
-@click.option("--data", envvar="MNKPIPE_DATA", help="Data root (default: $MNKPIPE_DATA).")
-@click.option("--gpus", default=0, show_default=True, help="GPU workers (one cupy actor per GPU).")
-@click.option("--cpus", type=int, help="CPU workers, one core each [default: all cores of the Ray cluster].")
+@click.option("--data", help="Data root (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
+@click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
+              help="GPU workers (one cupy actor per GPU).")
+@click.option("--cpus", type=click.IntRange(min=1),
+              help="CPU workers, one core each [default: all cores of the Ray cluster].")
 @click.option("--address", help="Join a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a local instance).")
-@click.option("--tile-size", type=int, help="Override [compute] tile_size (must match an existing store).")
+@click.option("--tile-size", type=click.IntRange(min=1),
+              help="Override [compute] tile_size (must match an existing store).")
 @click.option("--break-lock", is_flag=True, help="Take over a store whose lock is held by a driver known to be dead.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, break_lock, no_progress):
@@ -123,16 +129,19 @@ def status_cmd(store, as_json):
 
 @main.command("verify")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--repair", is_flag=True, help="Recompute bad tiles (local Ray instance unless --address).")
-@click.option("--cpus", type=int, help="CPU workers for --repair.")
+@click.option("--repair", is_flag=True, help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
 @click.option("--address", help="Ray cluster for --repair.")
 def verify_cmd(store, repair, cpus, address):
-    """Check every done tile's checksum, finiteness and (diagonal tiles) symmetry."""
+    """Check every done tile's checksum, finiteness and (diagonal tiles) symmetry. Without --repair it only reads
+    (no lock), so it can run while a driver computes the store."""
+    from contextlib import nullcontext
+
     from .pipeline.driver import run_tiles
     from .pipeline.inspect import verify_store
     from .store import StoreLock
     try:
-        with StoreLock(store, command=" ".join(sys.argv)):
+        with StoreLock(store, command=" ".join(sys.argv)) if repair else nullcontext():
             r = verify_store(store, repair=repair)
             for b in r["bad"]:
                 click.echo(f"BAD tile {b['tile']}: {b['problem']}")
@@ -222,21 +231,25 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
               help="The store whose episodes (same training subsets, same test tasks) the baselines use.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML with a [baselines] table.")
 @click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
-@click.option("--seeds", default=1, show_default=True, help="Seeds (training subsets) per count.")
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Seeds (training subsets) per count.")
 @click.option("--methods", default="maml,imaml", show_default=True)
-@click.option("--meta-steps", type=int, help="Override meta-training steps.")
+@click.option("--meta-steps", type=click.IntRange(min=1), help="Override meta-training steps.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Torch device; auto picks CUDA when torch sees one.")
 @click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
 @click.option("--no-progress", is_flag=True)
-def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, out, no_progress):
+def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device, out, no_progress):
     """MAML and iMAML on the store's episodes, checkpoints selected on validation tasks (never on test tasks).
 
-    Resumable: checkpoints live in <results>/checkpoints. Results join results.json beside the kernel methods.
+    Resumable: checkpoints live in <results>/checkpoints, keyed by the store's fingerprint and the settings.
+    Results join results.json beside the kernel methods (refused if it belongs to another store).
     """
     from .evaluation.baselines_run import baseline_settings, run_baselines
     try:
         settings = baseline_settings(config, meta_steps=meta_steps)
         run_baselines(store, methods=methods.split(","), train_counts=_counts(train_tasks), seeds=seeds,
-                      settings=settings, out=out, progress=not no_progress)
+                      settings=settings, out=out, progress=not no_progress, device=device)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
     _show_results(store, out)

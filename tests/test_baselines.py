@@ -46,8 +46,11 @@ def rel(a, b):
 def test_convnet_shapes():
     net = make_convnet(in_channels=3, way=5, blocks=4, filters=8, image_size=32)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
-    with pytest.raises(ValueError):
-        make_convnet(blocks=6, image_size=32)
+    # the net fits any image size: pooling stops once the side is 1 (the README's 4 blocks on 12x12 smoke images)
+    for size, blocks, side in [(12, 4, 1), (28, 4, 1), (32, 6, 1), (1, 2, 1), (16, 2, 4)]:
+        net = make_convnet(in_channels=1, way=5, blocks=blocks, filters=8, image_size=size)
+        assert net[-1].in_features == 8 * side * side
+        assert net(torch.zeros(2, 1, size, size)).shape == (2, 5)
 
 
 def test_maml_meta_gradient_matches_finite_differences():

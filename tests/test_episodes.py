@@ -122,6 +122,21 @@ def test_sample_episodes_separate_test_source_and_nesting():
     assert len(full.meta["train_classes"]) == 35
 
 
+def test_families_stay_on_one_side_of_every_cut():
+    """A character and its rotations (one family) never end up in both val (or carved test) and train."""
+    labels = np.repeat(np.arange(40), 20)  # 10 characters x 4 rotations: class c + 10 r
+    fam = np.arange(40) % 10
+    for seed in range(5):
+        ep = sample_episodes(labels, way=3, shot=1, query=2, n_train_tasks=4, n_test_tasks=2, n_val_tasks=2,
+                             n_val_classes=6, n_test_classes=5, seed=seed, families=fam)
+        groups = [set(fam[ep.meta[f"{s}_classes"]]) for s in ("test", "val", "train")]
+        assert not groups[0] & groups[1] and not groups[0] & groups[2] and not groups[1] & groups[2]
+        assert len(ep.meta["val_classes"]) == 8 and len(ep.meta["test_classes"]) == 8  # cuts moved up to 2 families
+    with pytest.raises(DataError, match="families"):
+        sample_episodes(labels, labels.copy(), way=3, shot=1, query=2, n_train_tasks=1, n_test_tasks=1,
+                        families=fam[:5])
+
+
 def test_sample_episodes_errors():
     bg = np.repeat(np.arange(12), 20)
     ev = bg.copy()

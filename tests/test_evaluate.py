@@ -24,7 +24,7 @@ from mnkpipe.evaluation.protocol import train_subsets
 from mnkpipe.kernels import mnk
 from mnkpipe.pipeline.driver import compute_kernel
 from mnkpipe.pipeline.ray_session import start_ray, stop_ray
-from mnkpipe.store import StoreError, TiledGroup, open_store
+from mnkpipe.store import StoreError, TiledArray, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_evaluate_on_read_only_store_writes_results_and_phi_outside(smoke_store,
         attrs = dict(zarr.open_group(str(g), mode="r").attrs)
         assert attrs["gram_fingerprint"] == saved["fingerprint"] and attrs["gram_store"] == str(smoke_store)
         assert g.name == phi_key(attrs) and {"ridge", "eta", "normalise_k", "augment"} <= set(attrs)
-        assert TiledGroup(g).missing_tiles(ARRAY) == []
+        assert TiledArray(g, ARRAY).missing_tiles() == []
 
 
 def test_stored_meta_kernels_match_dense_phi_train(smoke_store, evaluated):

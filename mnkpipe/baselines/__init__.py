@@ -1,8 +1,11 @@
-"""MAML and iMAML baselines (SPEC section 3): conv-4 net, meta-gradients, training with validation selection."""
+"""MAML and iMAML baselines (SPEC section 3): conv-4 net, meta-gradients, training with validation selection;
+the label-embedding feature extractor (SPEC section 2.1)."""
 from .convnet import make_convnet
+from .extractor import EmbeddingSettings, Extractor, train_extractor
 from .imaml import imaml_hypergrad, imaml_inner
 from .maml import maml_inner, maml_meta_loss
 from .train import BaselineSettings, evaluate, run_baseline
 
 __all__ = ["make_convnet", "maml_inner", "maml_meta_loss", "imaml_inner", "imaml_hypergrad",
-           "BaselineSettings", "run_baseline", "evaluate"]
+           "BaselineSettings", "run_baseline", "evaluate",
+           "EmbeddingSettings", "Extractor", "train_extractor"]

@@ -44,6 +44,30 @@ class BaselineSettings:
     first_order: bool = False
     bn_mode: str = "batch"      # "batch" or "running", see BN_MODES
 
+    def validate(self, where: str = "[baselines]") -> None:
+        """Raise ValueError naming the first setting out of its range."""
+        checks = [("blocks", self.blocks >= 1, ">= 1"), ("filters", self.filters >= 1, ">= 1"),
+                  ("inner_lr", self.inner_lr > 0, "> 0"), ("inner_steps", self.inner_steps >= 1, ">= 1"),
+                  ("imaml_lam", self.imaml_lam > 0, "> 0"), ("imaml_steps", self.imaml_steps >= 1, ">= 1"),
+                  ("imaml_lr", self.imaml_lr > 0, "> 0"), ("cg_steps", self.cg_steps >= 1, ">= 1"),
+                  ("outer_lr", self.outer_lr > 0, "> 0"), ("meta_batch", self.meta_batch >= 1, ">= 1"),
+                  ("meta_steps", self.meta_steps >= 1, ">= 1"), ("eval_every", self.eval_every >= 1, ">= 1"),
+                  ("bn_mode", self.bn_mode in BN_MODES, "one of " + ", ".join(BN_MODES))]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{where} {key} = {getattr(self, key)!r}: must be {rule}")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a usable GPU, else 'cpu'; 'cuda' without one is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: choose auto, cpu or cuda")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no usable CUDA device (use --device cpu or auto)")
+    return device
+
 
 def _task(X, tasks, t, device):
     """(xs, ys, xq, yq) tensors of task t."""
@@ -108,8 +132,12 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int, settings: BaselineSettings,
                  seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-                 device="cpu") -> dict:
-    """Meta-train theta with Adam on the train tasks, select theta* = argmax val accuracy, return test accuracy of theta*."""
+                 device="cpu", run_key: dict | None = None) -> dict:
+    """Meta-train theta with Adam on the train tasks, select theta* = argmax val accuracy, return test accuracy of theta*.
+
+    run_key: what ties a checkpoint to its data (e.g. the store's fingerprint and the training tasks); a checkpoint
+    in checkpoint_dir is resumed only if it was written with the same method, seed, way, settings and run_key.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     s = settings
@@ -134,7 +162,7 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
     best_buffers = {k: v.clone() for k, v in buffers.items()}
 
     ident = {"method": method, "seed": seed, "way": way,
-             "settings": {k: v for k, v in asdict(s).items() if k != "meta_steps"}}
+             "settings": {k: v for k, v in asdict(s).items() if k != "meta_steps"}, "run_key": run_key or {}}
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         st = torch.load(ckpt, map_location=device, weights_only=True)
@@ -180,4 +208,4 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
     test_acc = evaluate(method, model, best_params, best_buffers, X, test, s, device)
     return {"method": method, "test_acc": test_acc, "val_curve": curve, "best_step": best_step,
             "best_val_acc": best_acc, "bn_mode": BN_MODES[s.bn_mode], "seconds": time.perf_counter() - t0,
-            "settings": asdict(s), "best_params": best_params}
+            "settings": asdict(s), "best_params": best_params, "device": str(device)}

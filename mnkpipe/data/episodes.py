@@ -261,6 +261,20 @@ def _labels_and_names(source, what: str) -> tuple[np.ndarray, list[str] | None, 
     return labels.astype(np.int64), None, int(labels.max()) + 1 if labels.size else 0
 
 
+def family_permutation(fam: np.ndarray, rng) -> np.ndarray:
+    """Class ids in a random order of their families, each family's classes together in ascending order."""
+    return np.concatenate([np.flatnonzero(fam == f) for f in rng.permutation(np.unique(fam))])
+
+
+def family_cut(order: np.ndarray, n: int, fam: np.ndarray | None) -> int:
+    """n, moved up to the next family boundary of the class order (n itself without families)."""
+    if fam is None:
+        return n
+    while 0 < n < len(order) and fam[order[n]] == fam[order[n - 1]]:
+        n += 1
+    return n
+
+
 def sample_episodes(
     train_source: ImageDataset | np.ndarray,
     test_source: ImageDataset | np.ndarray | None = None,
@@ -275,6 +289,7 @@ def sample_episodes(
     n_val_classes: int = 0,
     n_test_classes: int | None = None,
     seed: int = 0,
+    families: np.ndarray | None = None,
 ) -> EpisodeSet:
     """Seeded train / val / test TaskSets over class-disjoint class sets (an EpisodeSet).
 
@@ -285,11 +300,18 @@ def sample_episodes(
     prefixes of larger ones. Train/val/test tasks use independent seed streams: test and val tasks do not change
     with n_train_classes or n_train_tasks. Train/val indices point into train_source, test indices into
     test_source (or train_source). meta holds the class ids (and names) of each split.
+
+    families: one id per train_source class (e.g. the character a rotated copy comes from). Then the permutation
+    keeps each family's classes together and the test/val cuts move up to a family boundary, so no family has
+    classes on both sides of a cut (val disjoint from train including rotations).
     """
     ss = np.random.SeedSequence(seed)
     split_rng, train_rng, val_rng, test_rng = (np.random.default_rng(s) for s in ss.spawn(4))
     tr_labels, tr_names, tr_k = _labels_and_names(train_source, "train_source")
-    perm = split_rng.permutation(tr_k)
+    fam = None if families is None else np.asarray(families, dtype=np.int64)
+    if fam is not None and fam.shape != (tr_k,):
+        raise DataError(f"families must give one id per train_source class ({tr_k}), got shape {fam.shape}")
+    perm = split_rng.permutation(tr_k) if fam is None else family_permutation(fam, split_rng)
     if test_source is not None and test_source is train_source:
         raise DataError("sample_episodes: test_source is train_source; pass test_source=None to carve disjoint test classes")
     if test_source is None:
@@ -298,7 +320,8 @@ def sample_episodes(
         te_labels, te_names = tr_labels, tr_names
         if n_test_classes > tr_k:
             raise DataError(f"n_test_classes={n_test_classes} but train_source has only {tr_k} classes")
-        test_cls, rest = perm[:n_test_classes], perm[n_test_classes:]
+        cut = family_cut(perm, n_test_classes, fam)
+        test_cls, rest = perm[:cut], perm[cut:]
     else:
         te_labels, te_names, te_k = _labels_and_names(test_source, "test_source")
         te_perm = split_rng.permutation(te_k)
@@ -310,7 +333,8 @@ def sample_episodes(
         raise DataError(f"n_val_tasks={n_val_tasks} needs n_val_classes >= way={way}, got {n_val_classes}")
     if n_val_classes > len(rest):
         raise DataError(f"n_val_classes={n_val_classes} but only {len(rest)} classes are left for val and train")
-    val_cls, pool = rest[:n_val_classes], rest[n_val_classes:]
+    cut = family_cut(rest, n_val_classes, fam)
+    val_cls, pool = rest[:cut], rest[cut:]
     if n_train_classes is not None:
         if n_train_classes > len(pool):
             raise DataError(f"n_train_classes={n_train_classes} but only {len(pool)} classes are left for training")

@@ -19,6 +19,8 @@ __all__ = [
     "resolve_data_root",
     "load_omniglot",
     "omniglot_info",
+    "dataset_info",
+    "default_data_root",
     "download_omniglot",
 ]
 
@@ -41,21 +43,27 @@ OMNIGLOT_FILES: dict[str, tuple[str, str, str]] = {
 }
 
 
+def default_data_root() -> Path:
+    """The per-user data folder: $MNKPIPE_CACHE/omniglot, else ~/.cache/mnkpipe/omniglot (`mnkpipe data download`)."""
+    return _io.default_cache_dir() / "omniglot"
+
+
 def resolve_data_root(data: str | os.PathLike | None = None) -> Path:
-    """The data folder: the `data` argument if given, else $MNKPIPE_DATA; DataNotFoundError naming what was tried."""
+    """The data folder: the `data` argument if given, else $MNKPIPE_DATA, else default_data_root(); a
+    DataNotFoundError naming what was tried and how to get the data."""
     env = os.environ.get("MNKPIPE_DATA")
     if data is not None:
-        path, origin = Path(data).expanduser(), "the data argument"
+        path, origin = Path(data).expanduser(), "the data argument (--data)"
     elif env:
         path, origin = Path(env).expanduser(), "$MNKPIPE_DATA"
     else:
-        raise DataNotFoundError(
-            "no data folder given: pass a path (e.g. --data DIR) or set MNKPIPE_DATA to the folder holding "
-            "the Omniglot zips (images_background.zip, images_evaluation.zip, ...)"
-        )
+        path, origin = default_data_root(), "the default, as neither --data nor $MNKPIPE_DATA is set"
     if not path.is_dir():
         kind = "is not a folder" if path.exists() else "does not exist"
-        raise DataNotFoundError(f"data folder {path} (from {origin}, resolved to {path.absolute()}) {kind}")
+        raise DataNotFoundError(
+            f"data folder {path} (from {origin}, resolved to {path.absolute()}) {kind}. Get the Omniglot zips with "
+            f"`mnkpipe data download` (into {default_data_root()}) or `mnkpipe data download --root DIR`, then pass "
+            "--data DIR or set MNKPIPE_DATA=DIR")
     return path
 
 
@@ -170,6 +178,29 @@ def omniglot_info(root: str | os.PathLike | None) -> list[dict]:
             "images": sum(len(e.files) for e in entries),
         })
     return out
+
+
+def dataset_info(root: str | os.PathLike | None) -> list[dict]:
+    """Per split: {split, source, groups, classes, images}. Omniglot splits when root holds any (groups =
+    alphabets, classes = characters), else the class-folder dataset's splits: the sub-folders of root, or root
+    itself when its sub-folders are the class folders."""
+    root = resolve_data_root(root)
+    rows = [{"split": r["split"], "source": r["source"], "groups": r["alphabets"], "classes": r["characters"],
+             "images": r["images"]} for r in omniglot_info(root)]
+    if rows:
+        return rows
+    tree = _io.tree_from_folder(root)
+    kids = tree.children()
+    top = kids[()][0]
+    splits = [(".", root)] if any(kids[(d,)][1] for d in top) else [(d, root / d) for d in top]
+    if not splits:
+        raise DataError(f"{root} holds neither the Omniglot zips nor class folders (expected {root}/<split>/<class>/"
+                        "*.png, or the Omniglot zips: run `mnkpipe data download`)")
+    for name, path in splits:
+        entries = _io.index_tree(_io.tree_from_folder(path), str(path))
+        rows.append({"split": name, "source": str(path), "groups": len({e.group for e in entries if e.group}),
+                     "classes": len(entries), "images": sum(len(e.files) for e in entries)})
+    return rows
 
 
 def _manual_hint(root: Path, base_url: str) -> str:

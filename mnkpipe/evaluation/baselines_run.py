@@ -1,55 +1,99 @@
-"""MAML and iMAML on exactly the store's episodes: the same training subsets as evaluate, validation-selected."""
+"""MAML and iMAML on exactly the store's episodes: the same training subsets as evaluate, validation-selected.
 
+Checkpoints and results are tied to the store: checkpoint folders are keyed by the store's fingerprint and the
+settings (and each checkpoint checks them on load), and results are never merged into a results.json written for a
+store with another fingerprint (a store rebuilt at the same path with another seed or other tasks).
+"""
+
+import hashlib
+import json
 import time
-from dataclasses import asdict, fields
+import tomllib
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
-from ..baselines.train import BaselineSettings, run_baseline
+from ..baselines.train import BaselineSettings, resolve_device, run_baseline
+from ..pipeline.config import ConfigError, _section
 from ..store import open_store
 from .protocol import check_counts, default_counts, subset_size, train_subsets
 from .report import write_results
-from .results import method_record, results_dir, results_header
+from .results import method_record, results_dir
 
 METHODS = ("maml", "imaml")
 
 
 def baseline_settings(config_path=None, **overrides) -> BaselineSettings:
-    """[baselines] table of a TOML file (optional) plus keyword overrides."""
-    s = BaselineSettings()
-    table = {}
+    """[baselines] table of a TOML file (optional, types checked) plus keyword overrides; ranges validated."""
+    table, where = {}, "[baselines]"
     if config_path:
-        import tomllib
-        with open(config_path, "rb") as f:
-            table = tomllib.load(f).get("baselines", {})
-    names = {f.name for f in fields(s)}
-    for k, v in {**table, **{k: v for k, v in overrides.items() if v is not None}}.items():
-        if k not in names:
-            raise ValueError(f"unknown baseline setting {k!r}; known: {', '.join(sorted(names))}")
-        setattr(s, k, type(getattr(s, k))(v))
+        where = f"{config_path} [baselines]"
+        try:
+            with open(config_path, "rb") as f:
+                table = tomllib.load(f).get("baselines", {})
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {config_path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{config_path}: not valid TOML: {e}") from None
+        if not isinstance(table, dict):
+            raise ConfigError(f"{config_path}: [baselines] must be a table")
+    s = _section(BaselineSettings, {**table, **{k: v for k, v in overrides.items() if v is not None}}, where)
+    s.validate(where)
     return s
 
 
+def checkpoint_key(fingerprint: str, way: int, settings: BaselineSettings) -> str:
+    """sha256 of the store fingerprint, way and the settings except meta_steps (a longer run resumes a shorter one)."""
+    ident = {"store": fingerprint, "way": way,
+             "settings": {k: v for k, v in asdict(settings).items() if k != "meta_steps"}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_results_belong(out_dir: Path, fingerprint: str) -> None:
+    """Refuse a results folder whose results.json was written for a store with another fingerprint."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); move it away or choose another --out") from None
+    seen = {old.get("store_fingerprint")} | {m.get("store_fingerprint") for m in old.get("methods", {}).values()
+                                             if isinstance(m, dict)}
+    other = seen - {None, fingerprint}
+    if other:
+        raise ValueError(f"{path} holds results of another store (fingerprint {sorted(other)[0][:12]}..., this "
+                         f"store's is {fingerprint[:12]}...): the store was rebuilt; choose another --out or move "
+                         "the old results away")
+
+
 def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int = 1, settings=None, out=None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, device: str = "auto") -> dict:
     """For each method, count n and seed: meta-train on the seed's first n training tasks, select on val, test."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown baseline method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if int(seeds) < 1:
+        raise ValueError(f"--seeds must be >= 1; got {seeds}")
+    settings = settings or BaselineSettings()
+    settings.validate()
+    device = resolve_device(device)
     store = open_store(store_path)
+    fingerprint = store.manifest["fingerprint"]
     ep = store.episodes()
     if ep.val is None or ep.val.n_tasks == 0:
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
-    settings = settings or BaselineSettings()
     counts = check_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
+    out_dir = results_dir(store.path, out)
+    check_results_belong(out_dir, fingerprint)
     val_images = store.array("val_images")[...]
     images = np.concatenate([store.images(), val_images])  # validation tasks index val_images: stack them after
     val = ep.val.remap(np.arange(len(val_images)) + store.n)  # the pool and shift their indices
-    out_dir = results_dir(store.path, out)
     ckpt_root = out_dir / "checkpoints"
-    results = results_header(store)
-    sizes = {n: [subset_size(ep.train, sub[n]) for sub in (train_subsets(ep.train.n_tasks, counts, s)
-                                                            for s in range(seeds))] for n in counts}
+    key = checkpoint_key(fingerprint, ep.way, settings)
+    results = {"store": str(store.path), "store_fingerprint": fingerprint, "n_test_tasks": ep.test.n_tasks,
+               "way": ep.way, "shot": ep.shot, "methods": {}}
     for method in methods:
         per = {n: np.zeros((seeds, ep.test.n_tasks)) for n in counts}
         info = {}
@@ -57,17 +101,25 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
         for s in range(seeds):
             for n, subset in train_subsets(ep.train.n_tasks, counts, s).items():
                 r = run_baseline(method, images, ep.train.subset(subset), val, ep.test, way=ep.way,
-                                 settings=settings, seed=s, checkpoint_dir=ckpt_root / f"{method}-n{n}-s{s}",
-                                 progress=progress)
+                                 settings=settings, seed=s, checkpoint_dir=ckpt_root / f"{method}-n{n}-s{s}-{key}",
+                                 progress=progress, device=device,
+                                 run_key={"store_fingerprint": fingerprint, "train_tasks": subset.tolist()})
                 per[n][s] = r["test_acc"]
-                info[f"n{n}-s{s}"] = {"best_step": r["best_step"], "best_val_acc": r.get("best_val_acc")}
+                info[f"n{n}-s{s}"] = {"best_step": r["best_step"], "best_val_acc": r.get("best_val_acc"),
+                                      "seconds": r["seconds"]}
                 bn = r["bn_mode"]
+        sizes = {n: [subset_size(ep.train, train_subsets(ep.train.n_tasks, [n], s)[n]) for s in range(seeds)]
+                 for n in counts}
         summary = method_record(counts, per, sizes, asdict(settings))
+        summary["per_seed"] = [per[n].mean(1).tolist() for n in counts]  # [count][seed]: mean test accuracy
+        summary["seeds"] = list(range(seeds))
+        summary["settings"] = asdict(settings)
+        summary["device"] = device
+        summary["store_fingerprint"] = fingerprint
         summary["note"] = (f"{bn} Checkpoint chosen on {ep.val.n_tasks} validation tasks from training-split classes "
-                           f"unused by the training tasks; {settings.meta_steps} meta-steps; "
-                           f"{time.time() - t0:.0f} s in all.")
+                           f"unused by the training tasks; {settings.meta_steps} meta-steps; {seeds} seed(s); "
+                           f"device {device}; {time.time() - t0:.0f} s in all.")
         summary["runs"] = info
         results["methods"][method] = summary
         write_results(results, out_dir)
     return results
-

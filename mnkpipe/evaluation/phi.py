@@ -17,7 +17,7 @@ import zarr
 
 from ..data import TaskSet
 from ..kernels import mnk
-from ..store import StoreError, TiledGroup, add_tiled_array, open_store
+from ..store import StoreError, TiledArray, add_tiled_array, open_store
 
 INF = mnk.INF
 ARRAY = "mnk"
@@ -30,11 +30,11 @@ def phi_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True) 
 
 
 class CachedGram:
-    """The block reader K(rows, cols) of a store's Gram: whole upper tiles read through Store.gram_block once and kept,
-    least recently used dropped beyond max_bytes; .diag is K_ii over the pool."""
+    """The block reader K(rows, cols) of a store's Gram: whole upper tiles, each checked against its record when read
+    (a StoreError names a damaged tile), kept until max_bytes, least recently used dropped; .diag is K_ii."""
 
     def __init__(self, store, max_bytes: float = 1e9):
-        self.store, self.max_bytes = store, max_bytes
+        self.store, self.gram, self.max_bytes = store, store.tiled("gram"), max_bytes
         self.tiles: OrderedDict = OrderedDict()
         self.bytes = 0
         self.read_s = 0.0
@@ -47,8 +47,7 @@ class CachedGram:
             self.tiles.move_to_end(key)
             return self.tiles[key]
         t0 = time.perf_counter()
-        r, c = self.store.block_range(bi), self.store.block_range(bj)
-        t = self.store.gram_block(np.arange(r.start, r.stop), np.arange(c.start, c.stop))
+        t = self.gram.read_tile(bi, bj).astype(np.float64)
         self.read_s += time.perf_counter() - t0
         self.tiles[key] = t
         self.bytes += t.nbytes
@@ -142,9 +141,12 @@ def prepare_phi(results: Path, attrs: dict, tasks: TaskSet, tile_size: int) -> P
 
 
 def read_phi(path: Path) -> np.ndarray:
-    """The whole Phi_train of a finished group."""
-    g = TiledGroup(path)
-    missing = g.missing_tiles(ARRAY)
+    """The whole Phi_train of a finished group (every tile checked against its record), lower triangle mirrored."""
+    g = TiledArray(path, ARRAY, repair_hint="delete this group and rerun the same evaluate")
+    missing = g.missing_tiles()
     if missing:
         raise StoreError(f"{path}: {len(missing)} meta-kernel tiles are not done; rerun the same evaluate")
-    return g.read_symmetric(ARRAY)
+    a = g.read_all()
+    lower = np.tril_indices(len(a), -1)
+    a[lower] = a.T[lower]
+    return a

@@ -1,9 +1,19 @@
-"""Experiment configuration: a TOML file with [data], [tasks], [kernel] and [compute] tables."""
+"""Experiment configuration: a TOML file with [data], [tasks], [kernel] and [compute] tables.
+
+A config file must have [tasks] and [kernel] (what is computed); [data] and [compute] may be left out, then the
+defaults below apply (Omniglot background -> evaluation, 28 x 28 padded to 32; tiles of 256, plan "mnk", float64).
+[baselines] (read by `mnkpipe baselines`) and [embedding] (the label-embedding extractor, read by `mnkpipe
+evaluate`) are optional tables that this module passes over.
+"""
 
 import dataclasses
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+
+OPTIONAL_TABLES = ("baselines", "embedding")  # read by `mnkpipe baselines` and `mnkpipe evaluate`
+REQUIRED_TABLES = ("tasks", "kernel")          # a config file without them would run on defaults unnoticed
 
 
 class ConfigError(ValueError):
@@ -68,11 +78,13 @@ class ExperimentConfig:
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{f.name}] must be a table")
             parts[f.name] = _section(f.default_factory, table, f"{where} [{f.name}]")
-        # [baselines]: mnkpipe baselines; [embedding]: the label-embedding extractor of mnkpipe evaluate
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"baselines", "embedding"}
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - set(OPTIONAL_TABLES)
         if unknown:
             raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; expected [data], [tasks], [kernel], "
-                              "[compute] and optionally [baselines] and [embedding]")
+                              "[compute] and optionally [baselines], [embedding]")
+        for name in OPTIONAL_TABLES:
+            if name in d and not isinstance(d[name], dict):
+                raise ConfigError(f"{where}: [{name}] must be a table")
         cfg = cls(**parts)
         cfg.validate(where)
         return cfg
@@ -121,4 +133,8 @@ def load_config(path) -> ExperimentConfig:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    missing = [t for t in REQUIRED_TABLES if t not in d]
+    if missing:
+        raise ConfigError(f"{path}: missing table(s) {', '.join(f'[{t}]' for t in missing)}; a config must say "
+                          "which tasks and which kernel to compute (see configs/smoke.toml)")
     return ExperimentConfig.from_dict(d, where=str(path))

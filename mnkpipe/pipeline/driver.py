@@ -7,16 +7,15 @@ import time
 from collections import deque
 from pathlib import Path
 
+import zarr
 from tqdm import tqdm
 
-from ..store import StoreError, StoreLock, TiledGroup, create_store, describe_differences, open_store
+from ..store import (StoreError, StoreLock, TiledArray, create_store, describe_differences, is_being_created,
+                     open_store)
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
-from .plan import plan_full, plan_mnk, tile_pairs
+from .plan import plan_full, plan_mnk
 from .ray_session import start_ray, stop_ray
-
-STORE_ENTRIES = {"zarr.json", "images", "scales", "val_images", "episodes", "gram", "gram_plan",
-                 "gram_crc32"}
 
 
 def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None):
@@ -25,8 +24,13 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None)
     exp = build_experiment(cfg, data)
     if _interrupted_creation(store_path):
         shutil.rmtree(store_path)
-    if (store_path / "zarr.json").exists():
-        store = open_store(store_path, mode="r+")
+    if store_path.exists() and not store_path.is_dir():
+        raise StoreError(f"{store_path} is a file, not an mnkpipe store; refusing to touch it")
+    if store_path.is_dir() and any(store_path.iterdir()):
+        if not (store_path / "zarr.json").exists():
+            raise StoreError(f"{store_path} is a folder not made by mnkpipe (no zarr.json); refusing to touch it "
+                             "(nothing was changed): give a new or empty --store path")
+        store = open_store(store_path, mode="r+")  # a Zarr group not made by mnkpipe: StoreError, untouched
         diffs = describe_differences(store.manifest["config"], cfg.to_dict())
         if store.manifest["fingerprint"] != exp.fingerprint():
             diffs.append("dataset/episodes fingerprint: the images or tasks differ from those the store was made with")
@@ -46,13 +50,8 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None)
 
 
 def _interrupted_creation(store_path: Path) -> bool:
-    """A store whose creation was killed: a Zarr group with only our own entries and no manifest yet."""
-    if not (store_path / "zarr.json").exists():
-        return False
-    import zarr
-    if "manifest" in zarr.open_group(str(store_path), mode="r").attrs:
-        return False
-    return {p.name for p in store_path.iterdir()} <= STORE_ENTRIES
+    """A store whose creation was killed: it still carries the creation marker and has no manifest yet."""
+    return is_being_created(store_path)
 
 
 def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0, cpus: int | None = None,
@@ -90,11 +89,12 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
     import ray
     from ..workers.tile import CNTKSource
     source = source or CNTKSource(store_path)
-    store = open_store(store_path, mode="r+") if name == "gram" else TiledGroup(store_path, mode="r+")
-    todo = deque(store.missing_tiles(name))
-    planned = store.planned_tiles(name)
-    total_pairs = sum(tile_pairs(store, *t, name) for t in planned)
-    done_pairs = total_pairs - sum(tile_pairs(store, *t, name) for t in todo)
+    target = (open_store(store_path, mode="r+").tiled(name) if name == "gram"
+              else TiledArray(store_path, name, group=zarr.open_group(str(store_path), mode="r+")))
+    todo = deque(target.missing_tiles())
+    planned = target.planned_tiles()
+    total_pairs = sum(target.tile_pairs(*t) for t in planned)
+    done_pairs = total_pairs - sum(target.tile_pairs(*t) for t in todo)
     summary = {"tiles_planned": len(planned), "tiles_computed": 0, "tiles_skipped": len(planned) - len(todo),
                "pairs_computed": 0, "seconds": 0.0, "compute_s": 0.0, "io_s": 0.0, "workers": {}}
     if not todo:
@@ -123,7 +123,7 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
                 w, tile = pending.pop(ref)
                 status = ray.get(ref)
                 free.append(w)
-                pairs = tile_pairs(store, *tile, name)
+                pairs = target.tile_pairs(*tile)
                 summary["tiles_computed"] += 1
                 summary["pairs_computed"] += pairs
                 summary["compute_s"] += status["compute_s"]
@@ -136,9 +136,10 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
             if time.time() - last_save > 2 or not (todo or pending):
                 last_save = time.time()
                 elapsed = last_save - t0
-                store.set_progress({"pairs_total": total_pairs, "pairs_done": bar.n, "updated": last_save,
-                                    "rate_pairs_per_s": summary["pairs_computed"] / max(elapsed, 1e-9),
-                                    "workers": workers_seen}, name)
+                target.array.attrs["progress"] = {
+                    "pairs_total": total_pairs, "pairs_done": done_pairs + summary["pairs_computed"],
+                    "updated": last_save, "rate_pairs_per_s": summary["pairs_computed"] / max(elapsed, 1e-9),
+                    "workers": workers_seen}
         bar.close()
     finally:
         if started:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..data import (EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
                     load_omniglot, resolve_data_root, sample_episodes, standardise_and_pad)
-from ..data.episodes import sample_tasks
+from ..data.episodes import family_cut, family_permutation, sample_tasks
 from .config import ConfigError, ExperimentConfig
 
 
@@ -52,19 +52,23 @@ def build_experiment(cfg: ExperimentConfig, data: str | None = None) -> Experime
     root = resolve_data_root(cfg.data.root or data)
     t = cfg.tasks
     train_ds = _load_split(cfg, root, cfg.data.train_split)
+    families = None
     if t.rotations:
+        families = np.arange(4 * train_ds.n_classes) % train_ds.n_classes  # a character and its 3 rotations
         train_ds = train_ds.with_rotations()
     val_classes = t.val_classes if t.val_tasks else 0
     if t.protocol == "lake-runs":
         if t.way != 20 or t.shot != 1:
             raise ConfigError("[tasks] protocol = 'lake-runs' has 20-way 1-shot test tasks: set way = 20 and shot = 1")
         test_ds, test = load_lake_runs(root, image_size=cfg.data.image_size)
-        ep = _lake_episodes(train_ds, test, t, val_classes)
+        ep = _lake_episodes(train_ds, test, t, val_classes, families)
     else:
         test_ds = _load_split(cfg, root, cfg.data.test_split)
         ep = sample_episodes(train_ds, test_ds, way=t.way, shot=t.shot, query=t.query, n_train_tasks=t.train_tasks,
                              n_test_tasks=t.test_tasks, n_val_tasks=t.val_tasks,
-                             n_train_classes=t.train_classes or None, n_val_classes=val_classes, seed=t.seed)
+                             n_train_classes=t.train_classes or None, n_val_classes=val_classes, seed=t.seed,
+                             families=families)
+    check_disjoint(cfg, train_ds, test_ds, ep)
     mean, std = fit_standardiser(train_ds.images)
     prep = lambda x: standardise_and_pad(x, mean, std, cfg.data.pad or None)  # noqa: E731
     train_used, train = _pool(ep.train, 0)
@@ -83,10 +87,38 @@ def build_experiment(cfg: ExperimentConfig, data: str | None = None) -> Experime
                       n_train_images=len(train_used), mean=float(mean), std=float(std), paths=paths)
 
 
-def _lake_episodes(train_ds: ImageDataset, test: TaskSet, t, val_classes: int) -> EpisodeSet:
+def _base_class(name: str) -> str:
+    """The class a rotated copy comes from: 'Latin/character01/rot90' -> 'Latin/character01'."""
+    head, _, last = name.rpartition("/")
+    return head if head and last in ("rot90", "rot180", "rot270") else name
+
+
+def _class_pool(ds: ImageDataset, ep: EpisodeSet, split: str) -> set[str]:
+    """Base class names (rotations folded onto their originals) of the classes a split's tasks are drawn from:
+    the sampler's class pool (meta '<split>_classes'), else the classes its tasks use."""
+    tasks = ep.splits().get(split)
+    ids = ep.meta.get(f"{split}_classes", [] if tasks is None else np.unique(tasks.classes))
+    return {_base_class(ds.classes[c]) for c in ids}
+
+
+def check_disjoint(cfg: ExperimentConfig, train_ds: ImageDataset, test_ds: ImageDataset, ep: EpisodeSet) -> None:
+    """The test class pool shares no class (by identity: Omniglot alphabet/character, or class folder) with the
+    training or validation pools, and validation none with training, rotations included; ConfigError otherwise."""
+    train, val = _class_pool(train_ds, ep, "train"), _class_pool(train_ds, ep, "val")
+    test = _class_pool(test_ds, ep, "test")
+    where = f"[data] train_split = {cfg.data.train_split!r}, test_split = {cfg.data.test_split!r}"
+    for a, b, what in ((train | val, test, f"{where}: training and test"), (train, val, "validation and training")):
+        both = sorted(a & b)
+        if both:
+            raise ConfigError(f"{what} tasks share {len(both)} classes, e.g. {both[:3]}: the split would leak; "
+                              "choose splits with disjoint classes (e.g. Omniglot background and evaluation)")
+
+
+def _lake_episodes(train_ds: ImageDataset, test: TaskSet, t, val_classes: int, families) -> EpisodeSet:
     """Training (and validation) tasks from the training split; the 20 official runs as test tasks."""
     rng = np.random.default_rng(t.seed)
-    classes = rng.permutation(train_ds.n_classes)
+    classes = rng.permutation(train_ds.n_classes) if families is None else family_permutation(families, rng)
+    val_classes = family_cut(classes, val_classes, families)  # a character's rotations stay on one side
     val_ids, train_ids = classes[:val_classes], classes[val_classes:]
     if t.train_classes:
         train_ids = train_ids[: t.train_classes]

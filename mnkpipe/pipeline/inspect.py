@@ -1,65 +1,100 @@
 """`status` and `verify` of a store: what is done, how fast, and whether every done tile is intact."""
 
 import time
+from pathlib import Path
 
 import numpy as np
+import zarr
 
-from ..store import RECORD_FILL, open_store, tile_crc
-from .plan import tile_pairs
+from ..store import RECORD_FILL, StoreLock, TiledArray, find_tiled_arrays, open_store, tile_crc
+from ..store.lock import owner_state
 
 
 def store_status(store_path, name: str = "gram") -> dict:
-    """Tiles done/total, pairs done/total, last rate, ETA, and the workers last seen (from the driver's progress)."""
+    """Tiles and pairs done/total (done = record set and chunk file present), last rate, ETA, workers last seen,
+    the lock's owner and whether it is alive, and the same for each meta-kernel group under <store>-results/phi/."""
     store = open_store(store_path)
-    planned = store.planned_tiles(name)
-    done = store.done_tiles(name)
-    pairs_total = sum(tile_pairs(store, *t, name) for t in planned)
-    pairs_done = sum(tile_pairs(store, *t, name) for t in planned if t in done)
-    prog = store.progress(name)
-    rate = prog.get("rate_pairs_per_s")
-    return {
-        "store": str(store.path), "array": name, "n_images": store.n, "tile_size": store.tile_size,
-        "tiles_done": len(done & set(planned)), "tiles_total": len(planned),
-        "pairs_done": pairs_done, "pairs_total": pairs_total,
-        "rate_pairs_per_s": rate,
-        "eta_s": (pairs_total - pairs_done) / rate if rate else None,
-        "last_update": prog.get("updated"),
-        "workers": prog.get("workers", {}),
-        "lock": _lock_owner(store.path),
-    }
+    s = store.tiled(name).status()
+    s.update(store=str(store.path), n_images=store.n, lock=lock_status(store.path),
+             meta_kernels=[tiled_status(g) for g in phi_groups(store.path)])
+    return s
 
 
-def _lock_owner(path):
-    from ..store import StoreLock
-    return StoreLock(path).owner()
+def lock_status(store_path) -> dict | None:
+    """The lock's owner info with 'state': alive, dead (stale), unknown (another host) or unreadable; None if free."""
+    lock = StoreLock(store_path)
+    if not lock.path.exists():
+        return None
+    owner = lock.owner() or {}
+    return dict(owner, state=owner_state(owner or None))
+
+
+def phi_groups(store_path) -> list[Path]:
+    """Zarr groups <store>-results/phi/<key>/ (the meta-kernel arrays, kept outside the Gram store)."""
+    p = Path(store_path).resolve()
+    phi = p.with_name(p.name + "-results") / "phi"
+    return sorted(g for g in phi.glob("*") if (g / "zarr.json").is_file()) if phi.is_dir() else []
+
+
+def tiled_status(group_path, name: str | None = None) -> dict:
+    """Status of the tiled array `name` of any Zarr group (default: its only tiled array X, with X_plan, X_crc32)."""
+    group = zarr.open_group(str(group_path), mode="r")
+    if name is None:
+        names = find_tiled_arrays(group)
+        if not names:
+            return {"group": str(group_path), "array": None, "error": "no tiled array (X with X_plan and X_crc32)"}
+        name = names[0]
+    return TiledArray(group_path, name, group=group).status()
+
+
+def _progress_lines(s: dict, label: str) -> list[str]:
+    lines = [f"{label:<11}{s['tiles_done']} / {s['tiles_total']} tiles, {s['pairs_done']:,} / {s['pairs_total']:,} "
+             f"pairs ({100 * s['pairs_done'] / max(1, s['pairs_total']):.1f}%)"]
+    if s["rate_pairs_per_s"]:
+        lines.append(f"{'':<11}rate {s['rate_pairs_per_s']:,.1f} pairs/s (last run)")
+    if s["eta_s"] is not None and s["pairs_done"] < s["pairs_total"]:
+        lines.append(f"{'':<11}ETA {s['eta_s'] / 3600:.2f} h at that rate")
+    return lines
 
 
 def format_status(s: dict) -> str:
-    lines = [f"store      {s['store']}  ({s['array']}: {s['n_images']} images, tile {s['tile_size']})",
-             f"tiles      {s['tiles_done']} / {s['tiles_total']} done",
-             f"pairs      {s['pairs_done']:,} / {s['pairs_total']:,} ({100 * s['pairs_done'] / max(1, s['pairs_total']):.1f}%)"]
-    if s["rate_pairs_per_s"]:
-        lines.append(f"rate       {s['rate_pairs_per_s']:,.1f} pairs/s (last run)")
-    if s["eta_s"] is not None and s["pairs_done"] < s["pairs_total"]:
-        lines.append(f"ETA        {s['eta_s'] / 3600:.2f} h at that rate")
-    if s["lock"]:
-        lines.append(f"driver     pid {s['lock'].get('pid')} on {s['lock'].get('host')} since {s['lock'].get('started')}")
+    lines = [f"store      {s['store']}  ({s['array']}: {s['n_images']} images, tile {s['tile_size']})"]
+    lines += _progress_lines(s, "gram")
+    lock = s["lock"]
+    if lock:
+        what = {"alive": "running", "dead": "NOT running: stale lock, the next compute-kernel takes it over",
+                "unknown": "on another host: cannot tell whether it runs",
+                "unreadable": "unreadable lock file"}[lock["state"]]
+        lines.append(f"driver     pid {lock.get('pid')} on {lock.get('host')} since {lock.get('started')}: {what}")
+    else:
+        lines.append("driver     none (not locked)")
     for w, info in sorted(s["workers"].items()):
         ago = time.time() - info["last_seen"]
         lines.append(f"worker     {w} on node {info['node'][:12]}: {info['tiles']} tiles, last seen {ago:.0f} s ago")
+    for m in s["meta_kernels"]:
+        if m.get("array") is None:
+            lines.append(f"meta       {m['group']}: {m['error']}")
+        else:
+            lines.append(f"meta       {m['group']} ({m['array']}: {m['n']} rows, tile {m['tile_size']})")
+            lines += _progress_lines(m, "")
     return "\n".join(lines)
 
 
 def verify_store(store_path, name: str = "gram", repair: bool = False) -> dict:
-    """Check each done tile: readable, CRC32 equal to its record, finite, diagonal tiles symmetric. repair: forget bad ones."""
+    """Check each recorded tile: chunk present, readable, CRC32 equal to its record, finite, diagonal tiles
+    symmetric. Reads only, unless repair: then forget the records of bad tiles (needs the lock)."""
     store = open_store(store_path, mode="r+" if repair else "r")
-    arr, rec = store.array(name), store.records(name)
+    ta = store.tiled(name)
+    arr, rec = ta.array, ta.records()
     bad = []
     checked = 0
     for bi, bj in store.planned_tiles(name):
         if rec[bi, bj] == RECORD_FILL:
             continue
         checked += 1
+        if not ta.chunk_present(bi, bj):
+            bad.append({"tile": (bi, bj), "problem": "chunk file missing or of the wrong size"})
+            continue
         try:
             tile = arr[store.block_range(bi, name), store.block_range(bj, name)]
         except Exception as e:  # noqa: BLE001 - any unreadable chunk is a bad tile

@@ -1,39 +1,35 @@
 """The Zarr v3 layout of one experiment (docs/store.md): images, scale maps, episodes, tiled Gram, tile records."""
 
 import json
-import os
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from .. import __version__
+from .tiled import RECORD_FILL, StoreError, TiledArray, add_tiled_array
 
-RECORD_FILL = -1  # tile_crc32 value of a tile that is not done
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked; the message says why and what to do."""
-
-
-def tile_crc(tile: np.ndarray) -> int:
-    """CRC32 of the tile's bytes as stored (C order, the store's dtype)."""
-    return zlib.crc32(np.ascontiguousarray(tile).tobytes())
+CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
+IMAGE_DIMS = ("image", "channel", "y", "x")
 
 
 class Store:
-    """One experiment's Zarr group. Gram tiles are chunks; a tile is done when its record in tile_crc32 is set."""
+    """One experiment's Zarr group. Gram tiles are chunks; a tile is done when its record in gram_crc32 is set and
+    its chunk file is present; reads check each tile against its record."""
 
     def __init__(self, path, mode: str = "r"):
+        if mode not in ("r", "r+"):
+            raise ValueError(f"a store is opened with mode 'r' or 'r+', not {mode!r}; create one with create_store() "
+                             "(mode 'w' or 'a' could empty or change a finished store)")
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
             raise StoreError(f"no mnkpipe store at {self.path} (no zarr.json); create one with `mnkpipe compute-kernel`")
         self.root = zarr.open_group(str(self.path), mode=mode)
         self.manifest = dict(self.root.attrs.get("manifest", {}))
         if not self.manifest:
-            raise StoreError(f"{self.path} is a Zarr group but not an mnkpipe store (no manifest attribute)")
+            raise StoreError(f"{self.path} is a Zarr group but not an mnkpipe store (no manifest attribute); "
+                             "mnkpipe does not touch it: give a new or empty --store path")
 
     # -- layout -----------------------------------------------------------------------------------------------
     @property
@@ -48,6 +44,11 @@ class Store:
     def n_blocks(self) -> int:
         return -(-self.n // self.tile_size)
 
+    def tiled(self, name: str = "gram") -> TiledArray:
+        """The tiled array `name` of this store (its tiles, records and checked reads)."""
+        return TiledArray(self.path, name, group=self.root,
+                          repair_hint=f"run `mnkpipe verify --repair {self.path}`" if name == "gram" else "")
+
     def block_range(self, b: int, name: str = "gram") -> slice:
         """Rows (or columns) of block b of the tiled array `name`."""
         n = self.n if name == "gram" else int(self.root[name].shape[0])
@@ -58,20 +59,18 @@ class Store:
 
     def planned_tiles(self, name: str = "gram") -> list[tuple[int, int]]:
         """Upper-triangle tiles (bi <= bj) the plan asks for, row-major."""
-        plan = self.root[f"{name}_plan"][...]
-        return [(int(i), int(j)) for i, j in zip(*np.nonzero(plan))]
+        return self.tiled(name).planned_tiles()
 
     def records(self, name: str = "gram") -> np.ndarray:
         """(n_blocks, n_blocks) int64: the CRC32 of each done tile, RECORD_FILL where not done."""
-        return self.root[f"{name}_crc32"][...]
+        return self.tiled(name).records()
 
     def done_tiles(self, name: str = "gram") -> set[tuple[int, int]]:
-        rec = self.records(name)
-        return {(int(i), int(j)) for i, j in zip(*np.nonzero(rec != RECORD_FILL))}
+        """Tiles with a record and a chunk file of the right size."""
+        return self.tiled(name).done_tiles()
 
     def missing_tiles(self, name: str = "gram") -> list[tuple[int, int]]:
-        done = self.done_tiles(name)
-        return [t for t in self.planned_tiles(name) if t not in done]
+        return self.tiled(name).missing_tiles()
 
     # -- reading ----------------------------------------------------------------------------------------------
     def images(self, idx=slice(None)) -> np.ndarray:
@@ -92,28 +91,30 @@ class Store:
         return EpisodeSet.from_arrays(arrays)
 
     def read_gram(self, name: str = "gram", max_bytes: float = 8e9) -> np.ndarray:
-        """The full symmetric matrix (lower triangle by transposition); NaN where a tile is not computed."""
+        """The full symmetric matrix (lower triangle by transposition); NaN where a tile is not computed. Every done
+        tile is checked against its CRC record (StoreError naming a missing or damaged tile)."""
         arr = self.root[name]
         if arr.nbytes > max_bytes:
             raise StoreError(f"{name} is {arr.nbytes / 1e9:.1f} GB; read blocks with gram_block() instead")
-        g = arr[...]
+        g = self.tiled(name).read_all()
         lower = np.tril_indices(len(g), -1)
         upper_vals = g.T[lower]
         g[lower] = np.where(np.isnan(g[lower]), upper_vals, g[lower])
         return g
 
     def gram_block(self, rows, cols, name: str = "gram") -> np.ndarray:
-        """K[rows][:, cols] for index arrays, reading only the upper tiles that hold them (lower ones transposed)."""
-        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        arr, t = self.root[name], self.tile_size
+        """K[rows][:, cols] for integer index arrays, reading only the upper tiles that hold them (lower ones
+        transposed), each checked against its CRC record; NaN in tiles not computed."""
+        ta = self.tiled(name)
+        rows, cols = _indices(rows, ta.n, "rows"), _indices(cols, ta.n, "cols")
+        t = ta.tile_size
         out = np.empty((len(rows), len(cols)), np.float64)
         rb, cb = rows // t, cols // t
         for bi in np.unique(rb):
             ri = np.nonzero(rb == bi)[0]
             for bj in np.unique(cb):
                 ci = np.nonzero(cb == bj)[0]
-                lo, hi = min(bi, bj), max(bi, bj)
-                tile = arr[self.block_range(lo, name), self.block_range(hi, name)]
+                tile = ta.read_tile(min(bi, bj), max(bi, bj))
                 if bi <= bj:
                     out[np.ix_(ri, ci)] = tile[np.ix_(rows[ri] - bi * t, cols[ci] - bj * t)]
                 else:
@@ -123,17 +124,10 @@ class Store:
     # -- writing (workers) -------------------------------------------------------------------------------------
     def write_tile(self, bi: int, bj: int, tile: np.ndarray, name: str = "gram") -> int:
         """Write one whole aligned chunk, make it durable (fsync), then set its record; returns the CRC32."""
-        arr = self.root[name]
-        tile = tile.astype(arr.dtype)
-        arr[self.block_range(bi, name), self.block_range(bj, name)] = tile
-        _fsync(self.path / name / "c" / str(bi) / str(bj))
-        crc = tile_crc(tile)
-        self.root[f"{name}_crc32"][bi, bj] = crc
-        _fsync(self.path / f"{name}_crc32" / "c" / str(bi) / str(bj))
-        return crc
+        return self.tiled(name).write_tile(bi, bj, tile)
 
     def clear_record(self, bi: int, bj: int, name: str = "gram") -> None:
-        self.root[f"{name}_crc32"][bi, bj] = RECORD_FILL
+        self.tiled(name).clear_record(bi, bj)
 
     def set_progress(self, info: dict, name: str = "gram") -> None:
         """Driver-only (one driver holds the lock): rate, workers last seen, times; kept in the array's attributes."""
@@ -143,47 +137,50 @@ class Store:
         return dict(self.root[name].attrs.get("progress", {}))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def add_tiled_array(root, name: str, n: int, tile_size: int, dtype: str, plan: np.ndarray) -> None:
-    """A (n, n) array with one chunk per tile, no sharding, NaN fill; its plan and its per-tile records."""
-    nb = -(-n // tile_size)
-    root.create_array(name, shape=(n, n), chunks=(tile_size, tile_size), dtype=dtype, fill_value=np.nan,
-                      compressors=None, config={"write_empty_chunks": True})
-    root.create_array(f"{name}_plan", shape=(nb, nb), chunks=(nb, nb), dtype="bool", fill_value=False)[...] = plan
-    root.create_array(f"{name}_crc32", shape=(nb, nb), chunks=(1, 1), dtype="int64", fill_value=RECORD_FILL,
-                      compressors=None, config={"write_empty_chunks": True})
+def _indices(idx, n: int, what: str) -> np.ndarray:
+    """A 1-D integer index array with every entry in [0, n); ValueError naming `what` otherwise (no masks, slices)."""
+    if isinstance(idx, slice):
+        raise ValueError(f"gram_block {what}: give an integer index array, not a slice (e.g. np.arange(a, b))")
+    a = np.asarray(idx)
+    if a.dtype == bool:
+        raise ValueError(f"gram_block {what}: give integer indices, not a boolean mask (use np.nonzero(mask)[0])")
+    if a.size == 0:
+        a = a.astype(np.int64)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"gram_block {what}: need a 1-D array of integer indices, got shape {a.shape} of {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise ValueError(f"gram_block {what}: indices must lie in [0, {n}), got {a.min()}..{a.max()}")
+    return a.astype(np.int64)
 
 
 def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, plan: np.ndarray,
                  dtype: str = "float64") -> Store:
-    """Write a new store: images, scale maps, episodes, the empty Gram with its plan, and the manifest."""
+    """Write a new store into a new or empty folder: the creation marker first, then images, scale maps, episodes,
+    the empty Gram with its plan, then the manifest, and only then remove the marker."""
     from ..kernels import scale_maps
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise StoreError(f"{path} exists and is not an mnkpipe store; refusing to write into it")
-    root = zarr.open_group(str(path), mode="w-")  # never "w": it would empty the folder, lock included
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(f"{path} exists and is not an mnkpipe store; refusing to write into it (nothing was changed)")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CREATION_MARKER).write_text("mnkpipe store being created; removed once its manifest is written\n")
+    root = zarr.create_group(str(path))  # fails if a group exists; never mode "w", which empties the folder
     x = experiment.images
     n = len(x)
-    root.create_array("images", data=x, chunks=(tile_size,) + x.shape[1:])
+    root.create_array("images", data=x, chunks=(tile_size,) + x.shape[1:], dimension_names=IMAGE_DIMS)
     sc = root.create_array("scales", shape=(n, depth - 1) + x.shape[2:], dtype="float32",
-                           chunks=(tile_size, depth - 1) + x.shape[2:])
+                           chunks=(tile_size, depth - 1) + x.shape[2:], dimension_names=("image", "layer", "y", "x"))
     for b in range(0, n, tile_size):  # in blocks: the scale maps of a big pool do not fit memory at once
         sc[b:b + tile_size] = scale_maps(x[b:b + tile_size], depth).astype(np.float32)
     root.create_array("val_images", data=experiment.val_images,
-                      chunks=(max(1, min(len(experiment.val_images), 1024)),) + x.shape[1:])
+                      chunks=(max(1, min(len(experiment.val_images), 1024)),) + x.shape[1:],
+                      dimension_names=("val_image",) + IMAGE_DIMS[1:])
     eg = root.create_group("episodes")
     for k, a in experiment.episodes.to_arrays().items():
         if k == "meta":
             eg.attrs["meta"] = str(a[0])
         else:
-            eg.create_array(k, data=np.asarray(a))
+            a = np.asarray(a)
+            eg.create_array(k, data=a, dimension_names=_episode_dims(k, a.ndim))
     add_tiled_array(root, "gram", n, tile_size, dtype, plan)
     root.attrs["manifest"] = {
         "format": "mnkpipe-store/1",
@@ -197,11 +194,31 @@ def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, 
         "standardiser": {"mean": experiment.mean, "std": experiment.std},
         "sources": experiment.paths,
     }
+    (path / CREATION_MARKER).unlink()
     return Store(path, mode="r+")
 
 
+def _episode_dims(key: str, ndim: int) -> tuple[str, ...]:
+    """Dimension names of an episodes array: 'train/support' (T, way*shot) -> ('train_task', 'train_support')."""
+    if "/" not in key:  # way, shot, query, seed: (1,)
+        return ("one",)[:ndim]
+    split, what = key.split("/")
+    item = what.removesuffix("_labels")  # support and support_labels share their items
+    return (f"{split}_task", f"{split}_{item}")[:ndim]
+
+
+def is_being_created(path) -> bool:
+    """True for a folder whose store creation started (marker written) but never finished (no manifest yet)."""
+    path = Path(path)
+    if not (path / CREATION_MARKER).exists():
+        return False
+    if not (path / "zarr.json").exists():
+        return True
+    return "manifest" not in zarr.open_group(str(path), mode="r").attrs
+
+
 def open_store(path, mode: str = "r") -> Store:
-    """Open an existing store (mode 'r' or 'r+')."""
+    """Open an existing store (mode 'r' or 'r+' only: ValueError otherwise)."""
     return Store(path, mode=mode)
 
 

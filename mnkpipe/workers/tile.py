@@ -12,8 +12,9 @@ import socket
 import time
 
 import numpy as np
+import zarr
 
-from ..store import TiledGroup, open_store
+from ..store import TiledArray, open_store
 
 
 class CNTKSource:
@@ -53,7 +54,7 @@ class TileComputer:
     """A started tile source and the open target group; computes tiles of the target array `name`."""
 
     def __init__(self, source, target_path, name: str = "gram", backend: str = "cpu", threads: int | None = None):
-        self.target, self.name = TiledGroup(target_path, mode="r+"), name
+        self.target = TiledArray(target_path, name, group=zarr.open_group(str(target_path), mode="r+"))
         if threads:
             import numba
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
@@ -64,11 +65,11 @@ class TileComputer:
     def run(self, bi: int, bj: int) -> dict:
         """Compute tile (bi, bj) of the target array, write it durably with its record; return a small status."""
         t0 = time.perf_counter()
-        tile, read = self.source.tile(self.target.block_range(bi, self.name), self.target.block_range(bj, self.name))
+        tile, read = self.source.tile(self.target.block_range(bi), self.target.block_range(bj))
         t1 = time.perf_counter()
-        crc = self.target.write_tile(bi, bj, tile, self.name)
+        crc = self.target.write_tile(bi, bj, tile)
         t2 = time.perf_counter()
-        return {"tile": (bi, bj), "name": self.name, "crc32": crc, "read_s": read, "compute_s": t1 - t0 - read,
+        return {"tile": (bi, bj), "name": self.target.name, "crc32": crc, "read_s": read, "compute_s": t1 - t0 - read,
                 "write_s": t2 - t1, "worker": self.worker_id, "node": _node_id(),
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

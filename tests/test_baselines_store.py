@@ -1,0 +1,127 @@
+"""The baselines runner on real smoke stores (built without Ray): tied to the store, recorded fully, bad input refused."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mnkpipe.cli import main
+from mnkpipe.evaluation.baselines_run import baseline_settings, run_baselines
+from mnkpipe.pipeline.local import compute_local
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = (REPO / "configs" / "smoke.toml").read_text()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(path: Path, omniglot_root, seed: int) -> Path:
+    """A real smoke store (its Gram computed in-process) whose episodes are drawn with [tasks] seed = seed."""
+    cfg = path.parent / f"smoke-seed{seed}.toml"
+    cfg.write_text(SMOKE.replace("seed = 0", f"seed = {seed}"))
+    compute_local(cfg, path, data=str(omniglot_root), progress=False)
+    return path
+
+
+TINY = dict(blocks=2, filters=4, meta_steps=2, eval_every=1, meta_batch=2, inner_steps=1, imaml_steps=2, cg_steps=2)
+
+
+def run(store, out, seeds=1):
+    return run_baselines(store, methods=["maml"], train_counts=[1, 2], seeds=seeds,
+                         settings=baseline_settings(None, **TINY), out=out, progress=False, device="cpu")
+
+
+def test_rebuilt_store_never_reuses_checkpoints_or_merges_results(tmp_path, omniglot_root):
+    store, out = tmp_path / "s.zarr", tmp_path / "res"
+    build(store, omniglot_root, seed=0)
+    a = run(store, out, seeds=2)
+    m = a["methods"]["maml"]
+    assert np.asarray(m["per_seed"]).shape == (2, 2)  # [count][seed]
+    assert np.allclose(np.mean(m["per_seed"], axis=1), m["mean"])
+    assert m["seeds"] == [0, 1] and m["device"] == "cpu" and m["settings"]["filters"] == 4
+    assert m["store_fingerprint"] == a["store_fingerprint"]
+    dirs_a = sorted(p.name for p in (out / "checkpoints").iterdir())
+    results_a = (out / "results.json").read_bytes()
+
+    shutil.rmtree(store)
+    build(store, omniglot_root, seed=1)  # same path, other tasks
+    with pytest.raises(ValueError, match="another store"):
+        run(store, out)
+    assert (out / "results.json").read_bytes() == results_a  # nothing merged
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == dirs_a  # nothing written
+
+    (out / "results.json").unlink()  # the old checkpoints stay: they must not be reused
+    b = run(store, out)
+    dirs_b = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert set(dirs_a) < set(dirs_b) and len(dirs_b) == 2 * len(dirs_a) - 2  # seed 0's two new folders
+    fresh = run(store, tmp_path / "fresh")
+    assert b["methods"]["maml"]["per_task"] == fresh["methods"]["maml"]["per_task"]
+    assert b["store_fingerprint"] != a["store_fingerprint"]
+
+    # a checkpoint of store A put where store B's belongs is refused on load
+    new = sorted(set(dirs_b) - set(dirs_a))
+    old_same_run = [d for d in dirs_a if d.rsplit("-", 1)[0] == new[0].rsplit("-", 1)[0]][0]
+    shutil.copy(out / "checkpoints" / old_same_run / "checkpoint.pt", out / "checkpoints" / new[0] / "checkpoint.pt")
+    (out / "results.json").unlink()
+    with pytest.raises(ValueError, match="different run"):
+        run(store, out)
+
+
+@pytest.fixture(scope="module")
+def smoke_store(tmp_path_factory, omniglot_root):
+    return build(tmp_path_factory.mktemp("bl") / "smoke.zarr", omniglot_root, seed=0)
+
+
+BAD_TOML = {
+    'first_order = "false"': ["first_order", "bool"],
+    'filters = "many"': ["filters", "int"],
+    "meta_steps = 2.7": ["meta_steps", "int"],
+    "meta_steps = 0": ["meta_steps", ">= 1"],
+    'bn_mode = "eval"': ["bn_mode", "batch, running"],
+    "blocks = [": ["not valid TOML"],
+    "reptile = 1": ["unknown key 'reptile'"],
+}
+
+
+@pytest.mark.parametrize("line", list(BAD_TOML))
+def test_bad_baselines_toml_is_refused_through_the_cli(smoke_store, tmp_path, line):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"[baselines]\n{line}\n")
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, ["baselines", "--store", str(smoke_store), "--config", str(cfg), "--out", str(out)])
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output, r.output
+    for word in BAD_TOML[line] + [str(cfg)]:
+        assert word in r.output, (word, r.output)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, words", [(["--seeds", "0"], ["--seeds"]), (["--meta-steps", "-3"], ["--meta-steps"]),
+                                         (["--device", "tpu"], ["--device"]), (["--methods", "reptile"], ["reptile"])])
+def test_bad_options_are_refused_through_the_cli(smoke_store, tmp_path, args, words):
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, ["baselines", "--store", str(smoke_store), "--out", str(out)] + args)
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+    assert "Traceback" not in r.output and all(w in r.output for w in words), r.output
+    assert not out.exists()
+
+
+def test_readme_command_fits_the_smoke_images(smoke_store, tmp_path):
+    """README: `mnkpipe baselines --store runs/smoke.zarr --config configs/omniglot-5w1s-cpu.toml` (4 pooling blocks
+    on 12x12 images); here with fewer meta-steps, one count and one method to keep it fast."""
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, ["baselines", "--store", str(smoke_store), "--config",
+                                  str(REPO / "configs" / "omniglot-5w1s-cpu.toml"), "--meta-steps", "2",
+                                  "--train-tasks", "1", "--methods", "maml", "--device", "cpu", "--no-progress",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "results.json").read_text())["methods"]["maml"]
+    assert saved["settings"]["blocks"] == 4 and saved["device"] == "cpu" and len(saved["per_seed"][0]) == 1
