@@ -19,6 +19,7 @@ __all__ = [
     "resolve_data_root",
     "load_omniglot",
     "omniglot_info",
+    "omniglot_alphabets",
     "dataset_info",
     "default_data_root",
     "download_omniglot",
@@ -157,19 +158,29 @@ def load_omniglot(
         )
 
 
+def _split_entries(root: Path, split: str) -> tuple[Path, list[_io.ClassEntry]]:
+    """(source, class entries) of a split from its folder or zip listing, without decoding any image."""
+    kind, src, tree = _split_tree(root, split)
+    if kind == "zip":
+        with _io.open_zip(src) as zf:
+            tree = _zip_tree(zf, _split_name(split))
+    return src, _io.index_tree(tree, str(src), layout="nested")
+
+
+def omniglot_alphabets(root: str | os.PathLike | None, split: str) -> list[str]:
+    """Sorted alphabet names of an Omniglot split, read from its listing."""
+    return sorted({e.group for e in _split_entries(resolve_data_root(root), split)[1]})
+
+
 def omniglot_info(root: str | os.PathLike | None) -> list[dict]:
     """Per split present in root: {split, source, alphabets, characters, images}, counted from listings (no decoding)."""
     root = resolve_data_root(root)
     out = []
     for split in SPLITS:
         try:
-            kind, src, tree = _split_tree(root, split)
+            src, entries = _split_entries(root, split)
         except DataNotFoundError:
             continue
-        if kind == "zip":
-            with _io.open_zip(src) as zf:
-                tree = _zip_tree(zf, _split_name(split))
-        entries = _io.index_tree(tree, str(src), layout="nested")
         out.append({
             "split": split,
             "source": str(src),
