@@ -82,6 +82,8 @@ def test_only_a_folder_with_the_creation_marker_is_rebuilt(tmp_path, omniglot_ro
     crashed.mkdir()
     (crashed / CREATION_MARKER).write_text("")
     zarr.create_group(str(crashed)).create_array("images", data=np.zeros((2, 2)))
+    with pytest.raises(StoreError, match="creation was interrupted: rerun the compute-kernel command"):
+        open_store(crashed)
     store = prepare_store(cfg, crashed, data=str(omniglot_root))
     assert store.manifest["n_images"] == 84 and not (crashed / CREATION_MARKER).exists()
     # the same entries without the marker (a user's group that merely looks like ours) are refused, untouched
