@@ -40,7 +40,8 @@ def data_info(root):
         rows = dataset_info(resolve_data_root(root))
     except DataError as e:
         _fail(e)
-    click.echo(f"{'split':<22}{'groups':>10}{'classes':>12}{'images':>9}  source")
+    groups, classes = ("alphabets", "characters") if rows[0]["kind"] == "omniglot" else ("groups", "classes")
+    click.echo(f"{'split':<22}{groups:>10}{classes:>12}{'images':>9}  source")
     for r in rows:
         click.echo(f"{r['split']:<22}{r['groups']:>10}{r['classes']:>12}{r['images']:>9}  {r['source']}")
 

@@ -192,12 +192,12 @@ def omniglot_info(root: str | os.PathLike | None) -> list[dict]:
 
 
 def dataset_info(root: str | os.PathLike | None) -> list[dict]:
-    """Per split: {split, source, groups, classes, images}. Omniglot splits when root holds any (groups =
+    """Per split: {kind, split, source, groups, classes, images}. Omniglot splits when root holds any (groups =
     alphabets, classes = characters), else the class-folder dataset's splits: the sub-folders of root, or root
     itself when its sub-folders are the class folders."""
     root = resolve_data_root(root)
-    rows = [{"split": r["split"], "source": r["source"], "groups": r["alphabets"], "classes": r["characters"],
-             "images": r["images"]} for r in omniglot_info(root)]
+    rows = [{"kind": "omniglot", "split": r["split"], "source": r["source"], "groups": r["alphabets"],
+             "classes": r["characters"], "images": r["images"]} for r in omniglot_info(root)]
     if rows:
         return rows
     tree = _io.tree_from_folder(root)
@@ -209,7 +209,7 @@ def dataset_info(root: str | os.PathLike | None) -> list[dict]:
                         "*.png, or the Omniglot zips: run `mnkpipe data download`)")
     for name, path in splits:
         entries = _io.index_tree(_io.tree_from_folder(path), str(path))
-        rows.append({"split": name, "source": str(path), "groups": len({e.group for e in entries if e.group}),
+        rows.append({"kind": "folder", "split": name, "source": str(path), "groups": len({e.group for e in entries if e.group}),
                      "classes": len(entries), "images": sum(len(e.files) for e in entries)})
     return rows
 

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import RECORD_FILL, StoreError, TiledArray, add_tiled_array
+from .tiled import StoreError, TiledArray, add_tiled_array
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
 IMAGE_DIMS = ("image", "channel", "y", "x")
