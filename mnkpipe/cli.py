@@ -40,7 +40,8 @@ def data_info(root):
         rows = dataset_info(resolve_data_root(root))
     except DataError as e:
         _fail(e)
-    click.echo(f"{'split':<22}{'groups':>10}{'classes':>12}{'images':>9}  source")
+    groups, classes = ("alphabets", "characters") if rows[0]["kind"] == "omniglot" else ("groups", "classes")
+    click.echo(f"{'split':<22}{groups:>10}{classes:>12}{'images':>9}  source")
     for r in rows:
         click.echo(f"{r['split']:<22}{r['groups']:>10}{r['classes']:>12}{r['images']:>9}  {r['source']}")
 
@@ -60,7 +61,8 @@ def data_download(root):
 # -- kernel ------------------------------------------------------------------------------------------------------
 @main.command("gram")
 @click.option("--data", help="Omniglot folder (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
-@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1), help="Number of evaluation-split images.")
+@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Number of evaluation-split images.")
 @click.option("--depth", default=10, show_default=True, type=click.IntRange(min=2),
               help="CNTK depth (depth - 1 conv layers).")
 @click.option("--size", default=28, show_default=True, type=click.IntRange(min=3),
@@ -129,7 +131,8 @@ def status_cmd(store, as_json):
 
 @main.command("verify")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--repair", is_flag=True, help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
+@click.option("--repair", is_flag=True,
+              help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
 @click.option("--address", help="Ray cluster for --repair.")
 def verify_cmd(store, repair, cpus, address):
