@@ -157,7 +157,8 @@ def verify_cmd(store, repair, cpus, address):
     from .pipeline.driver import run_tiles
     from .pipeline.inspect import verify_store
     from .store import StoreLock
-    try:
+
+    def verify_and_repair():
         with StoreLock(store, command=" ".join(sys.argv)):
             r = verify_store(store, repair=repair)
             for b in r["bad"]:
@@ -166,8 +167,9 @@ def verify_cmd(store, repair, cpus, address):
             if repair and r["bad"]:
                 s = run_tiles(store, cpus=cpus, address=address)
                 click.echo(f"repaired: {s['tiles_computed']} tiles recomputed")
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+            return r
+
+    r = _api(verify_and_repair)
     if r["bad"] and not repair:
         sys.exit(1)
 
@@ -205,12 +207,9 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, n
     tiled array `mnk` in the store (resumable); nothing else in the store is changed.
     """
     from .pipeline.evaluate import evaluate
-    try:
-        evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
-                 ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
-                 address=address, progress=not no_progress)
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+    _api(lambda: evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
+                          ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise,
+                          cpus=cpus, address=address, progress=not no_progress))
     _show_results(store, out)
 
 

@@ -12,6 +12,7 @@ import pytest
 import ray.exceptions
 from conftest import free_port
 
+from mnkpipe import __version__
 from mnkpipe.pipeline.config import load_config
 from mnkpipe.pipeline.driver import prepare_store
 from mnkpipe.pipeline.ray_session import explain, local_cpus, local_gpus, start_ray, stop_ray
@@ -64,20 +65,24 @@ def test_cpus_and_gpus_the_machine_lacks_are_refused_before_anything_is_built(en
     refused(compute(store, "--gpus", g + 1, env=env), store, f"--gpus {g + 1} asked for", f"has {g} usable GPUs")
 
 
-def test_a_worker_that_does_not_see_the_store_names_its_node_and_the_path(tmp_path, omniglot_root):
+def test_a_worker_that_does_not_see_the_store_or_runs_another_version_names_its_node(tmp_path, omniglot_root):
     store = prepare_store(load_config(SMOKE), tmp_path / "s.zarr", data=str(omniglot_root))
     started = start_ray(None, cpus=1)
     try:
         worker = make_ray_worker()
         node = ray.get_runtime_context().get_node_id()
-        for path, fingerprint, words in [(tmp_path / "elsewhere.zarr", store.manifest["fingerprint"], "cannot open"),
-                                         (store.path, "another experiment", "sees another store")]:
-            w = worker.options(num_cpus=1).remote(str(path), fingerprint, "cpu", 1)
+        ours = store.manifest["fingerprint"]
+        for path, fingerprint, version, words in [
+                (tmp_path / "elsewhere.zarr", ours, __version__, "cannot open the store at"),
+                (store.path, "another experiment", __version__, "sees another store at"),
+                (store.path, ours, "0.0.1", f"runs mnkpipe {__version__}, the driver 0.0.1")]:
+            w = worker.options(num_cpus=1).remote(str(path), fingerprint, version, "cpu", 1)
             with pytest.raises(ray.exceptions.RayTaskError) as e:
                 ray.get(w.run.remote(0, 0))
             message = explain(e.value)
-            assert words in message and node in message and str(path) in message, message
-            assert "the store must be on a filesystem every node can see" in message
+            assert words in message and node in message, message
+            if version == __version__:
+                assert str(path) in message and "the store must be on a filesystem every node can see" in message
             ray.kill(w)
     finally:
         if started:

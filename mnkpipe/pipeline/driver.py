@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import __version__
 from ..store import StoreError, StoreLock, create_store, describe_differences, open_store
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
@@ -74,11 +75,11 @@ def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0
 
 def _make_workers(store, gpus: int, cpus: int | None):
     """gpus > 0: one cupy actor per GPU; else one single-threaded CPU actor per CPU. Each checks that it sees
-    this store (its manifest fingerprint) at the same path."""
+    this store (its manifest fingerprint) at the same path and runs this mnkpipe version."""
     import ray
     from ..workers.tile import make_ray_worker
     worker = make_ray_worker()
-    args = (str(store.path), store.manifest["fingerprint"])
+    args = (str(store.path), store.manifest["fingerprint"], __version__)
     resources = ray.cluster_resources()
     check_counts("the Ray cluster", resources, cpus=cpus, gpus=gpus)
     if gpus:

@@ -7,13 +7,14 @@ import time
 
 import numpy as np
 
+from .. import __version__
 from ..store import Store, StoreError, open_store
 
 WORKER_RESTARTS = 3  # restarts of one worker process before its actor is dead and the driver restarts Ray
 
 
 class StoreNotShared(StoreError):
-    """A worker does not see the driver's store at the driver's path."""
+    """A worker does not see the driver's store at the driver's path, or runs another mnkpipe version."""
 
 
 class TileComputer:
@@ -96,11 +97,17 @@ def make_ray_worker():
 
     @ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=-1)
     class TileWorker:
-        def __init__(self, store_path, fingerprint, backend, threads):
+        def __init__(self, store_path, fingerprint, version, backend, threads):
+            self.computer, self.problem = None, None
+            if version != __version__:  # tiles of two kernel codes must never mix in one Gram
+                self.problem = StoreNotShared(f"the worker on node {_node_id()} (host {socket.gethostname()}) runs "
+                                              f"mnkpipe {__version__}, the driver {version}: install the same "
+                                              "version on every node")
+                return
             try:
-                self.computer, self.problem = TileComputer(store_path, backend, threads, fingerprint), None
+                self.computer = TileComputer(store_path, backend, threads, fingerprint)
             except StoreNotShared as e:  # said by its first tile: an error in __init__ would reach the driver
-                self.computer, self.problem = None, e  # only as an ActorDiedError without its message
+                self.problem = e  # only as an ActorDiedError without its message
 
         def run(self, bi, bj, name="gram"):
             if self.problem:
