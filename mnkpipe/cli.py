@@ -1,13 +1,42 @@
 """The mnkpipe command line: thin click wrappers around the Python API."""
 
 import json
+import signal
 import sys
 
 import click
 
+INTERRUPTED = "finished tiles are kept; rerun the same command to resume"
+
 
 def _fail(e: Exception):
     raise click.ClickException(str(e))
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that locks and Ray are released on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _api(call):
+    """Run call() for a command: its errors become one clear message (exit 1), Ctrl-C exits 130 and SIGTERM 143,
+    each with a one-line message and no traceback, after the store's lock and Ray were released."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return call()
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted (Ctrl-C): {INTERRUPTED}.", err=True)
+        sys.exit(130)
+    except _Terminated:
+        click.echo(f"\nStopped (SIGTERM): {INTERRUPTED}.", err=True)
+        sys.exit(143)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,11 +135,8 @@ def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, brea
     data is refused, and a store being computed by another driver is refused.
     """
     from .pipeline.driver import compute_kernel
-    try:
-        s = compute_kernel(config, store, data=data, gpus=gpus, cpus=cpus, address=address, tile_size=tile_size,
-                           progress=not no_progress, break_lock=break_lock)
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+    s = _api(lambda: compute_kernel(config, store, data=data, gpus=gpus, cpus=cpus, address=address,
+                                    tile_size=tile_size, progress=not no_progress, break_lock=break_lock))
     rate = s["pairs_computed"] / s["seconds"] if s["seconds"] else 0
     click.echo(f"{s['tiles_computed']} tiles computed, {s['tiles_skipped']} already done, "
                f"{s['pairs_computed']:,} pairs in {s['seconds']:.1f} s ({rate:,.0f} pairs/s) -> {store}")
@@ -143,7 +169,8 @@ def verify_cmd(store, repair, cpus, address):
     from .pipeline.driver import run_tiles
     from .pipeline.inspect import verify_store
     from .store import StoreLock
-    try:
+
+    def verify_and_repair():
         with StoreLock(store, command=" ".join(sys.argv)) if repair else nullcontext():
             r = verify_store(store, repair=repair)
             for b in r["bad"]:
@@ -152,8 +179,9 @@ def verify_cmd(store, repair, cpus, address):
             if repair and r["bad"]:
                 s = run_tiles(store, cpus=cpus, address=address)
                 click.echo(f"repaired: {s['tiles_computed']} tiles recomputed")
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+            return r
+
+    r = _api(verify_and_repair)
     if r["bad"] and not repair:
         sys.exit(1)
 
@@ -191,12 +219,9 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, ridge, eta, t_outer, n
     tiled array `mnk` in the store (resumable); nothing else in the store is changed.
     """
     from .pipeline.evaluate import evaluate
-    try:
-        evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
-                 ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise, cpus=cpus,
-                 address=address, progress=not no_progress)
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+    _api(lambda: evaluate(store, train_counts=_counts(train_tasks), seeds=seeds, out=out, methods=methods.split(","),
+                          ridge=ridge, eta=float(eta), t_outer=float(t_outer), normalise=not no_normalise,
+                          cpus=cpus, address=address, progress=not no_progress))
     _show_results(store, out)
 
 

@@ -7,14 +7,21 @@ import time
 
 import numpy as np
 
-from ..store import Store, open_store
+from .. import __version__
+from ..store import Store, StoreError, open_store
+
+WORKER_RESTARTS = 3  # restarts of one worker process before its actor is dead and the driver restarts Ray
+
+
+class StoreNotShared(StoreError):
+    """A worker does not see the driver's store at the driver's path, or runs another mnkpipe version."""
 
 
 class TileComputer:
     """Holds an open store (and, for cupy, the images resident on the GPU) and computes tiles of it."""
 
-    def __init__(self, store_path, backend: str = "cpu", threads: int | None = None):
-        self.store = open_store(store_path, mode="r+")
+    def __init__(self, store_path, backend: str = "cpu", threads: int | None = None, fingerprint: str | None = None):
+        self.store = _open_same_store(store_path, fingerprint)
         self.backend = backend
         k = self.store.manifest["config"]["kernel"]
         self.depth, self.gap, self.fix = int(k["depth"]), bool(k["gap"]), bool(k["fix"])
@@ -59,6 +66,20 @@ class TileComputer:
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _open_same_store(store_path, fingerprint: str | None) -> Store:
+    """The store at store_path, checked to be the driver's (same manifest fingerprint) when fingerprint is given."""
+    where = f"the worker on node {_node_id()} (host {socket.gethostname()})"
+    shared = "the store must be on a filesystem every node can see, at the same path"
+    try:
+        store = open_store(store_path, mode="r+")
+    except (StoreError, OSError) as e:
+        raise StoreNotShared(f"{where} cannot open the store at {store_path} ({e}): {shared}") from None
+    if fingerprint is not None and store.manifest["fingerprint"] != fingerprint:
+        raise StoreNotShared(f"{where} sees another store at {store_path} (its manifest fingerprint differs from "
+                             f"the driver's): {shared}")
+    return store
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -70,18 +91,30 @@ def _node_id() -> str:
 
 
 def make_ray_worker():
-    """The Ray actor class: restarted when its process dies, and its unfinished tiles are retried."""
+    """The Ray actor class: restarted when its process dies (WORKER_RESTARTS times), and its unfinished tiles are
+    retried. A worker that does not see the driver's store raises StoreNotShared on every tile."""
     import ray
 
-    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    @ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=-1)
     class TileWorker:
-        def __init__(self, store_path, backend, threads):
-            self.computer = TileComputer(store_path, backend, threads)
+        def __init__(self, store_path, fingerprint, version, backend, threads):
+            self.computer, self.problem = None, None
+            if version != __version__:  # tiles of two kernel codes must never mix in one Gram
+                self.problem = StoreNotShared(f"the worker on node {_node_id()} (host {socket.gethostname()}) runs "
+                                              f"mnkpipe {__version__}, the driver {version}: install the same "
+                                              "version on every node")
+                return
+            try:
+                self.computer = TileComputer(store_path, backend, threads, fingerprint)
+            except StoreNotShared as e:  # said by its first tile: an error in __init__ would reach the driver
+                self.problem = e  # only as an ActorDiedError without its message
 
         def run(self, bi, bj, name="gram"):
+            if self.problem:
+                raise self.problem
             return self.computer.run(bi, bj, name)
 
     return TileWorker
 
 
-__all__ = ["Store", "TileComputer", "make_ray_worker"]
+__all__ = ["Store", "StoreNotShared", "TileComputer", "make_ray_worker"]
