@@ -95,3 +95,40 @@ def test_bad_input_raises_with_reason():
         cntk(good, depth=1)
     with pytest.raises(ValueError, match="unknown CNTK backend"):
         cntk(good, depth=3, backend="tpu")
+
+
+MAGNITUDES = [(1e-15, 1e-15), (1e-30, 1e-30), (5e18, 5e18), (1e150, 1e150), (1e-30, 5e18), (1e-200, 1e200),
+              (1e160, 1e-160)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("a,b", MAGNITUDES, ids=lambda v: f"{v:g}")
+def test_homogeneous_for_any_finite_magnitude(backend, a, b):
+    """K(a x, b z) = a b K(x, z) for any finite a, b > 0 (issue 10, item 3): float32 and float64 ranges included."""
+    rng = np.random.default_rng(4)
+    x, z = rng.normal(size=(3, 2, 7, 6)), rng.normal(size=(2, 2, 7, 6))
+    x[0, :, :3] = 0.0  # a zero patch: l = 0 there at the first layers
+    for gap, fix in [(True, False), (False, True)]:
+        k = cntk(x, z, depth=5, gap=gap, fix=fix, backend=backend)
+        kab = cntk(a * x, b * z, depth=5, gap=gap, fix=fix, backend=backend)
+        assert np.isfinite(kab).all()
+        assert rel_err(kab / (a * b), k) <= {"reference": 1e-12, "cpu": 1e-6}[backend], (gap, fix)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gram_of_images_of_mixed_magnitudes(backend):
+    """One symmetric Gram over images scaled by 1e-30 .. 1e150: K_ij = a_i a_j K0_ij."""
+    x = np.random.default_rng(5).normal(size=(5, 1, 6, 6))
+    a = np.array([1e-30, 1.0, 5e18, 1e150, 3e-20])
+    k0 = cntk(x, depth=4, backend=backend)
+    k = cntk(a[:, None, None, None] * x, depth=4, backend=backend)
+    assert rel_err(k / np.outer(a, a), k0) <= {"reference": 1e-12, "cpu": 1e-6}[backend]
+
+
+def test_ordinary_inputs_unchanged_by_power_of_two_normalisation():
+    """Dividing an image by a power of two is exact: scale maps of 2^k x are 2^k times those of x, bit for bit."""
+    x = np.random.default_rng(6).normal(size=(3, 2, 5, 7))
+    for k in (-60, -3, 1, 70):
+        np.testing.assert_array_equal(scale_maps(np.ldexp(x, k), 4), np.ldexp(scale_maps(x, 4), k))
+        np.testing.assert_array_equal(cntk(np.ldexp(x, k), depth=4, backend="cpu"),
+                                      np.ldexp(cntk(x, depth=4, backend="cpu"), 2 * k))
