@@ -132,3 +132,40 @@ def test_ordinary_inputs_unchanged_by_power_of_two_normalisation():
         np.testing.assert_array_equal(scale_maps(np.ldexp(x, k), 4), np.ldexp(scale_maps(x, 4), k))
         np.testing.assert_array_equal(cntk(np.ldexp(x, k), depth=4, backend="cpu"),
                                       np.ldexp(cntk(x, depth=4, backend="cpu"), 2 * k))
+
+
+EDGE_SHAPES = [(1, 1, 7), (1, 6, 1), (1, 2, 2), (1, 3, 3), (3, 5, 4), (2, 13, 17)]  # (C, H, W)
+
+
+@pytest.mark.parametrize("c,h,w", EDGE_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("gap,fix", [(True, False), (True, True), (False, False), (False, True)])
+def test_cpu_tile_edge_cases_match_oracle(c, h, w, gap, fix):
+    """Rectangular and symmetric Gram tiles: one-row / one-column / tiny images, channels, fix, vanilla; pair counts
+    that leave lanes of a batch empty; a zero patch and an all-zero image."""
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.normal(size=(7, c, h, w))
+    x[1, :, : h // 2 + 1, : w // 2 + 1] = 0.0
+    x[6] = 0.0
+    ref = cntk_reference(x, depth=4, gap=gap, fix=fix)
+    k = cntk(x, depth=4, gap=gap, fix=fix, backend="cpu")
+    assert np.array_equal(k, k.T) and rel_err(k, ref) <= 2e-5
+    assert rel_err(cntk(x[:3], x[2:], depth=4, gap=gap, fix=fix, backend="cpu"), ref[:3, 2:]) <= 2e-5
+    assert np.all(k[6] == 0.0)
+
+
+def test_cpu_64x64_matches_oracle():
+    """The largest image size of the tests: one pair (the oracle's 4-D tensors are 130 MB each here)."""
+    rng = np.random.default_rng(9)
+    x1, x2 = rng.normal(size=(1, 1, 64, 64)), rng.normal(size=(1, 1, 64, 64))
+    ref = cntk_reference(x1, x2, depth=3)
+    assert rel_err(cntk(x1, x2, depth=3, backend="cpu"), ref) <= 2e-5
+
+
+def test_cpu_block_bits_do_not_depend_on_batching():
+    """K(x_i, x_j) has the same bits in any block it is computed in (batches, lanes and threads differ), as long as
+    x_i stays on the row side (the symmetric Gram computes i <= j and mirrors it)."""
+    x = np.random.default_rng(10).normal(size=(21, 2, 9, 11))
+    k = cntk(x, depth=5, backend="cpu")
+    np.testing.assert_array_equal(cntk(x[3:5], x[5:19], depth=5, backend="cpu"), k[3:5, 5:19])
+    np.testing.assert_array_equal(cntk(x[7:16], depth=5, backend="cpu"), k[7:16, 7:16])
+    np.testing.assert_array_equal(cntk(x[:1], x[20:], depth=5, backend="cpu"), k[:1, 20:])

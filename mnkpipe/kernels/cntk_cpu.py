@@ -1,4 +1,4 @@
-"""Fast CPU CNTK: a fused numba kernel that runs all layers of LANES pairs at once, tile by tile.
+"""Fast CPU CNTK: a fused numba kernel that runs all layers of a batch of pairs at once, tile by tile.
 
 A(.) never mixes offsets D = p - q, so the 4-D recursion of a pair splits into 2-D slabs, one per D, on each of
 which A is a 3x3 box filter with zero boundary and V is elementwise. The (2H-1)(2W-1) slabs pack exactly into H*W
@@ -6,11 +6,12 @@ tiles of H x W entries (as in cntk_fused.cu): tile (b, a), indexed by q = (i, j)
 p = ((i + b) mod H, (j + a) mod W); it is made of up to four slabs, separated by cuts at row H - b and column W - a,
 which the box filter does not cross. With the x-side inputs stored with rows and columns doubled, the p of a tile
 row is a contiguous run, so every pass is a plain loop over a tile row: no padding, no gathers.
-A batch of LANES pairs runs in lock step: each tile entry holds one float32 per pair, side by side, so a tile row
-is W * LANES floats whatever the image size, and the loops vectorise without remainders. The per-image inputs of
+A batch of `lanes` pairs runs in lock step: each tile entry holds one float32 per pair, side by side, so a tile row
+is W * lanes floats whatever the image size (lanes = 16 below W = 16, else 8), and the loops vectorise without
+remainders. A pair's arithmetic does not depend on its batch or lane: any block of a Gram has the same bits. The per-image inputs of
 a batch (images, maps a = l / sqrt(9 pi), reciprocals r = 1 / l) are interleaved once per batch, so V needs no
 division, no 1/(9 pi) multiply and no l_x l_z rebuilt from short rows.
-Arithmetic is float32; each tile row is summed in float32 per pair and added to the pair's float64 total.
+Arithmetic is float32; each tile column is summed in float32 per pair and added to the pair's float64 total.
 """
 
 import math
@@ -18,7 +19,7 @@ import math
 import numba as nb
 import numpy as np
 
-LANES = 8  # pairs per batch: one per float32 lane of a 256-bit vector, LLVM's preferred width on this hardware
+ROW_GROUP = 2048  # floats per loop of the box filter's row pass: several short tile rows at once
 # Float32 rounding puts rho of identical patches (x = z, flat background) up to ~1e-6 below 1 after 20 layers, and
 # arccos turns that into theta ~ 1e-3. Within this distance rho is indistinguishable from 1 in float32: snap to 1.
 RHO_SNAP32 = 4e-6
@@ -63,44 +64,48 @@ def _relu_row(s, t, ax, az, rx, rz, n):
 
 
 @nb.njit(inline="always", **_JIT)
-def _box3(buf, hb, zero, ml, mr, hh, rowlen, cut):
-    """buf <- 3x3 box sum of the tile, not across the cut row / column: hb = row pass (ml, mr: 0 at the column
-    edges and the cut), then the column pass. buf has LANES zero floats before and after the tile."""
-    for i in range(hh):
-        src = buf[i * rowlen:(i + 1) * rowlen + 2 * LANES]  # from the left neighbour of the row's first entry
-        dst = hb[i * rowlen:(i + 1) * rowlen]
+def _box3(buf, hb, ml, mr, hh, rowlen, lanes, grp, cut):
+    """buf <- 3x3 box sum of the tile, not across the cut row and column: the row pass into hb, grp rows per loop
+    (ml, mr: 0 at the column edges and the cut, 1 elsewhere), then the column pass over the whole tile, whose two
+    rows at the cut are redone without each other. buf has one zero entry (lanes floats) before and after the
+    tile, hb a zero row before and after it."""
+    for i0 in range(0, hh, grp):
+        n = min(grp, hh - i0) * rowlen
+        o = i0 * rowlen
+        left, mid, right = buf[o:o + n], buf[o + lanes:o + lanes + n], buf[o + 2 * lanes:o + 2 * lanes + n]
+        dst = hb[o + rowlen:o + rowlen + n]
+        for e in range(n):
+            dst[e] = (mid[e] + ml[e] * left[e]) + mr[e] * right[e]
+    n = hh * rowlen
+    dst, up, mid, down = buf[lanes:lanes + n], hb[:n], hb[rowlen:rowlen + n], hb[2 * rowlen:2 * rowlen + n]
+    for e in range(n):
+        dst[e] = (up[e] + mid[e]) + down[e]
+    if 0 < cut < hh:
+        up, mid = hb[(cut - 1) * rowlen:cut * rowlen], hb[cut * rowlen:(cut + 1) * rowlen]
+        mid2, down = hb[(cut + 1) * rowlen:(cut + 2) * rowlen], hb[(cut + 2) * rowlen:(cut + 3) * rowlen]
+        row1 = buf[lanes + (cut - 1) * rowlen:lanes + cut * rowlen]
+        row2 = buf[lanes + cut * rowlen:lanes + (cut + 1) * rowlen]
         for e in range(rowlen):
-            dst[e] = (src[e + LANES] + ml[e] * src[e]) + mr[e] * src[e + 2 * LANES]
-    for i in range(hh):
-        up = hb[(i - 1) * rowlen:i * rowlen] if i > 0 and i != cut else zero
-        down = hb[(i + 1) * rowlen:(i + 2) * rowlen] if i + 1 < hh and i + 1 != cut else zero
-        mid = hb[i * rowlen:(i + 1) * rowlen]
-        dst = buf[LANES + i * rowlen:LANES + (i + 1) * rowlen]
-        for e in range(rowlen):
-            dst[e] = (up[e] + mid[e]) + down[e]
+            row1[e] = up[e] + mid[e]
+            row2[e] = mid2[e] + down[e]
 
 
 @nb.njit(**_JIT)
-def _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, fix, s, t, hb, zero, ml, mr, acc, tot):
-    """tot[k] += sum over tile (b, a) of T (T - S if fix) after all layers, for the batch's LANES pairs.
+def _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hb, ml, mr, grp, acc, tot):
+    """tot[k] += sum over tile (b, a) of T (T - S if fix) after all layers, for the batch's pairs k < lanes.
 
-    xb: (C, 2H, 2W, LANES) batch images, rows and columns doubled (p side); zb: (C, H, W, LANES) (q side);
-    axb, rxb: (depth-1, 2H, 2W, LANES) maps a and r, doubled; azb, rzb: (depth-1, H, W, LANES); all flat."""
-    rowlen = ww * LANES
-    cut_r, cut_c = hh - b, ww - a  # first row / column of the second piece (none when b = 0 / a = 0)
-    for j in range(ww):
-        left = 0.0 if j == 0 or j == cut_c else 1.0
-        right = 0.0 if j + 1 == ww or j + 1 == cut_c else 1.0
-        for k in range(LANES):
-            ml[j * LANES + k] = left
-            mr[j * LANES + k] = right
-    xrow, zrow = 2 * ww * LANES, rowlen
+    xb: (C, 2H, 2W, lanes) batch images, rows and columns doubled (p side); zb: (C, H, W, lanes) (q side);
+    axb, rxb: (depth-1, 2H, 2W, lanes) maps a and r, doubled; azb, rzb: (depth-1, H, W, lanes); all flat.
+    ml, mr: the row pass's masks for column shift a (column_masks), grp rows of them."""
+    rowlen = ww * lanes
+    cut_r = hh - b  # first row of the second piece (none when b = 0)
+    xrow, zrow = 2 * ww * lanes, rowlen
     xplane, zplane = 2 * hh * xrow, hh * zrow
     # G[p, q] = sum_c x_c[p] z_c[q]
     for i in range(hh):
-        dst = s[LANES + i * rowlen:LANES + (i + 1) * rowlen]
+        dst = s[lanes + i * rowlen:lanes + (i + 1) * rowlen]
         for ch in range(nch):
-            xr = xb[ch * xplane + (i + b) * xrow + a * LANES:]
+            xr = xb[ch * xplane + (i + b) * xrow + a * lanes:]
             zr = zb[ch * zplane + i * zrow:]
             if ch == 0:
                 for e in range(rowlen):
@@ -108,86 +113,113 @@ def _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, fix, s, t, hb, zero
             else:
                 for e in range(rowlen):
                     dst[e] += xr[e] * zr[e]
-    _box3(s, hb, zero, ml, mr, hh, rowlen, cut_r)
-    n = hh * rowlen + 2 * LANES
+    _box3(s, hb, ml, mr, hh, rowlen, lanes, grp, cut_r)
+    n = hh * rowlen + 2 * lanes
     if fix:
         t[:n] = 0.0
     else:
         t[:n] = s[:n]
     for layer in range(nl):
         for i in range(hh):
-            ox = layer * xplane + (i + b) * xrow + a * LANES
+            ox = layer * xplane + (i + b) * xrow + a * lanes
             oz = layer * zplane + i * zrow
-            _relu_row(s[LANES + i * rowlen:], t[LANES + i * rowlen:], axb[ox:], azb[oz:], rxb[ox:], rzb[oz:], rowlen)
+            _relu_row(s[lanes + i * rowlen:], t[lanes + i * rowlen:], axb[ox:], azb[oz:], rxb[ox:], rzb[oz:], rowlen)
         if layer < nl - 1:
-            _box3(s, hb, zero, ml, mr, hh, rowlen, cut_r)
-            _box3(t, hb, zero, ml, mr, hh, rowlen, cut_r)
-    for i in range(hh):
-        sr, tr = s[LANES + i * rowlen:], t[LANES + i * rowlen:]
-        for k in range(LANES):
-            acc[k] = 0.0
-        for j in range(ww):
-            for k in range(LANES):
-                acc[k] += tr[j * LANES + k] - sr[j * LANES + k] if fix else tr[j * LANES + k]
-        for k in range(LANES):
-            tot[k] += acc[k]
+            _box3(s, hb, ml, mr, hh, rowlen, lanes, grp, cut_r)
+            _box3(t, hb, ml, mr, hh, rowlen, lanes, grp, cut_r)
+    for i in range(hh):  # column sums over the tile rows in float32, then over the columns in float64
+        sr, tr = s[lanes + i * rowlen:lanes + (i + 1) * rowlen], t[lanes + i * rowlen:lanes + (i + 1) * rowlen]
+        if i == 0:
+            for e in range(rowlen):
+                acc[e] = tr[e] - sr[e] if fix else tr[e]
+        else:
+            for e in range(rowlen):
+                acc[e] += tr[e] - sr[e] if fix else tr[e]
+    for j in range(ww):
+        for k in range(lanes):
+            tot[k] += acc[j * lanes + k]
 
 
 @nb.njit(**_JIT)
-def _interleave(src, idx, out, double):
+def _column_masks(ml, mr, a, ww, lanes, grp):
+    """ml, mr = 0 where the left / right neighbour is outside the tile or across the cut at column W - a, else 1."""
+    cut_c = ww - a
+    for i in range(grp):
+        for j in range(ww):
+            left = 0.0 if j == 0 or j == cut_c else 1.0
+            right = 0.0 if j + 1 == ww or j + 1 == cut_c else 1.0
+            for k in range(lanes):
+                ml[(i * ww + j) * lanes + k] = left
+                mr[(i * ww + j) * lanes + k] = right
+
+
+@nb.njit(**_JIT)
+def _interleave(src, idx, out, lanes, double):
     """out[((c r) s) k] = src[idx[k], c, r mod H, s mod W] over rows and columns (doubled: 2H x 2W), pair innermost."""
     nc, hh, ww = src.shape[1], src.shape[2], src.shape[3]
     fr = 2 if double else 1
-    for k in range(LANES):
+    for k in range(lanes):
         v = src[idx[k]]
         for c in range(nc):
-            for r in range(fr * hh):
-                for q in range(fr * ww):
-                    out[((c * fr * hh + r) * fr * ww + q) * LANES + k] = v[c, r % hh, q % ww]
+            for r in range(hh):
+                for q in range(ww):
+                    e = ((c * fr * hh + r) * fr * ww + q) * lanes + k
+                    out[e] = v[c, r, q]
+                    if double:
+                        out[e + ww * lanes] = v[c, r, q]
+                        out[e + 2 * hh * ww * lanes] = v[c, r, q]
+                        out[e + (2 * hh + 1) * ww * lanes] = v[c, r, q]
 
 
 @nb.njit(parallel=True, **_JIT)
-def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, out, chunks):
-    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair: batches of LANES pairs, in parallel chunks of batches."""
+def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
+    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair: batches of `lanes` pairs, in parallel chunks of batches."""
     nch, hh, ww = x1.shape[1], x1.shape[2], x1.shape[3]
     nl = a1.shape[1]
     n = ii.shape[0]
-    nbatch = (n + LANES - 1) // LANES
-    size = hh * ww * LANES + 2 * LANES
+    nbatch = (n + lanes - 1) // lanes
+    size = hh * ww * lanes + 2 * lanes
+    grp = min(hh, max(1, ROW_GROUP // (ww * lanes)))
     for c in nb.prange(chunks):
         s = np.zeros(size, np.float32)
         t = np.zeros(size, np.float32)
-        hb = np.zeros(size, np.float32)
-        zero = np.zeros(ww * LANES, np.float32)
-        ml = np.empty(ww * LANES, np.float32)
-        mr = np.empty(ww * LANES, np.float32)
-        xb = np.empty(nch * 4 * hh * ww * LANES, np.float32)
-        zb = np.empty(nch * hh * ww * LANES, np.float32)
-        axb = np.empty(nl * 4 * hh * ww * LANES, np.float32)
+        hb = np.zeros((hh + 2) * ww * lanes, np.float32)
+        ml = np.empty(grp * ww * lanes, np.float32)
+        mr = np.empty(grp * ww * lanes, np.float32)
+        xb = np.empty(nch * 4 * hh * ww * lanes, np.float32)
+        zb = np.empty(nch * hh * ww * lanes, np.float32)
+        axb = np.empty(nl * 4 * hh * ww * lanes, np.float32)
         rxb = np.empty_like(axb)
-        azb = np.empty(nl * hh * ww * LANES, np.float32)
+        azb = np.empty(nl * hh * ww * lanes, np.float32)
         rzb = np.empty_like(azb)
-        pi = np.empty(LANES, np.int64)
-        pj = np.empty(LANES, np.int64)
-        acc = np.empty(LANES, np.float32)
-        tot = np.empty(LANES, np.float64)
+        pi = np.empty(lanes, np.int64)
+        pj = np.empty(lanes, np.int64)
+        acc = np.empty(ww * lanes, np.float32)
+        tot = np.empty(lanes, np.float64)
         for bt in range(c * nbatch // chunks, (c + 1) * nbatch // chunks):
-            for k in range(LANES):  # lanes past the last pair repeat the batch's first pair; their results are dropped
-                m = bt * LANES + k if bt * LANES + k < n else bt * LANES
+            for k in range(lanes):  # lanes past the last pair repeat the batch's first pair; their results are dropped
+                m = bt * lanes + k if bt * lanes + k < n else bt * lanes
                 pi[k], pj[k] = ii[m], jj[m]
-            _interleave(x1, pi, xb, True)
-            _interleave(a1, pi, axb, True)
-            _interleave(r1, pi, rxb, True)
-            _interleave(x2, pj, zb, False)
-            _interleave(a2, pj, azb, False)
-            _interleave(r2, pj, rzb, False)
+            _interleave(x1, pi, xb, lanes, True)
+            _interleave(a1, pi, axb, lanes, True)
+            _interleave(r1, pi, rxb, lanes, True)
+            _interleave(x2, pj, zb, lanes, False)
+            _interleave(a2, pj, azb, lanes, False)
+            _interleave(r2, pj, rzb, lanes, False)
             tot[:] = 0.0
-            for b in range(hh if gap else 1):
-                for a in range(ww if gap else 1):
-                    _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, fix, s, t, hb, zero, ml, mr, acc, tot)
-            for k in range(LANES):
-                if bt * LANES + k < n:
-                    out[bt * LANES + k] = tot[k] / float(hh * ww) ** 2 if gap else tot[k]
+            for a in range(ww if gap else 1):
+                _column_masks(ml, mr, a, ww, lanes, grp)
+                for b in range(hh if gap else 1):
+                    _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hb, ml, mr, grp, acc, tot)
+            for k in range(lanes):
+                if bt * lanes + k < n:
+                    out[bt * lanes + k] = tot[k] / float(hh * ww) ** 2 if gap else tot[k]
+
+
+def batch_lanes(w: int) -> int:
+    """Pairs per batch: 8 (one per float32 lane of a 256-bit vector, LLVM's preferred width here), 16 for images
+    narrower than 16, whose tile rows would otherwise be too short to hide the loop overhead (8x8: 2x faster)."""
+    return 16 if w < 16 else 8
 
 
 def lane_maps(l) -> tuple[np.ndarray, np.ndarray]:
@@ -208,9 +240,10 @@ def cntk_block_cpu(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = 
     ii, jj = np.triu_indices(n1, 0, n2) if upper else np.indices((n1, n2)).reshape(2, -1)
     vals = np.empty(len(ii), np.float64)
     if len(ii):
-        nbatch = -(-len(ii) // LANES)
+        lanes = batch_lanes(x1.shape[3])
+        nbatch = -(-len(ii) // lanes)
         chunks = min(nbatch, 4 * nb.get_num_threads())  # a few chunks per thread balance the load
-        _pairs(x1, a1, r1, x2, a2, r2, ii.astype(np.int64), jj.astype(np.int64), gap, fix, vals, chunks)
+        _pairs(x1, a1, r1, x2, a2, r2, ii.astype(np.int64), jj.astype(np.int64), gap, fix, lanes, vals, chunks)
     k = np.empty((n1, n2), np.float64)
     k[ii, jj] = vals
     if upper:
