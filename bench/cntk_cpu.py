@@ -1,8 +1,12 @@
-"""Pairs/s of the fused CPU backend vs the float64 numpy reference, same Omniglot inputs, same run; peak memory.
+"""Pairs/s of the fused CPU backend vs the float64 numpy reference, same Omniglot inputs, same run; cost per pair
+by image size and depth against the arithmetic limit; peak memory.
 
-    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 2] [--pairs-cpu 64]
+    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 2] [--pairs-cpu 64] [--sizes 8,12,16,28]
 
-Prints a Markdown table (medians of --repeats runs) for docs/benchmarks.md.
+Prints Markdown tables (medians of --repeats runs) for docs/benchmarks.md, with the load averages before and after.
+The limit: FLOP_PER_ENTRY(C, d) floating-point operations per kernel entry (pair x entry of the 4-D recursion),
+at 2 FMA x 8 float32 lanes x 2 flop = 32 flop per cycle per core (256-bit vectors, which LLVM uses here) and the
+clock measured by a dependency chain, on all numba threads.
 """
 
 import argparse
@@ -11,12 +15,36 @@ import resource
 import statistics
 import time
 
+import numba
 import numpy as np
 
 from mnkpipe.data import fit_standardiser, load_omniglot, resolve_data_root, standardise_and_pad
 from mnkpipe.kernels import scale_maps
 from mnkpipe.kernels.cntk_cpu import cntk_block_cpu
 from mnkpipe.kernels.cntk_reference import cntk_pair
+
+FLOP_PER_CYCLE = 32  # per core: two 256-bit FMA units, 8 float32 lanes, 2 flop per FMA
+
+
+def flop_per_entry(c: int, depth: int) -> int:
+    """G (2C), A(G) (6: 2 FMA + 2 add), d-1 V steps (30 each: 2 mul rho, 1 - |rho|, 7 FMA of the acos polynomial,
+    u P, pi - acos, 1 + |rho|, u sqrt, FMA, a_x a_z, product, (pi - theta)/(9 pi), FMA of T; plus 2 square roots
+    and 5 clip/abs/select ops not counted), d-2 pairs of box filters on S and T (12), the final sum (1)."""
+    return 2 * c + 6 + 30 * (depth - 1) + 12 * (depth - 2) + 1
+
+
+@numba.njit
+def _chain(n, x):
+    for i in range(n):
+        x = (x * x) ^ i  # imul (3 cycles) + xor (1 cycle), dependent
+    return x
+
+
+def clock_ghz() -> float:
+    """Core clock from a dependent imul + xor chain of 4 cycles per step (best of 10)."""
+    _chain(10, 1)
+    best = min(time_once(lambda: _chain(20_000_000, 1)) for _ in range(10))
+    return 4 * 20e6 / best / 1e9
 
 
 def omniglot_images(n: int, size: int = 28) -> np.ndarray:
@@ -26,27 +54,24 @@ def omniglot_images(n: int, size: int = 28) -> np.ndarray:
     return standardise_and_pad(ds.images[idx], mean, std, None)
 
 
+def time_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def time_it(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(time_once(fn) for _ in range(repeats))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", default="3,10,20")
-    ap.add_argument("--pairs-ref", type=int, default=2, help="pairs timed with the reference (slow)")
-    ap.add_argument("--pairs-cpu", type=int, default=64, help="pairs timed with the cpu backend")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--size", type=int, default=28)
-    a = ap.parse_args()
-    import numba
+def load() -> str:
+    return "load averages " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def speedup_table(a) -> None:
     x = omniglot_images(2 + a.pairs_cpu, a.size)
-    print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores; "
-          f"medians of {a.repeats} runs\n")
+    print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores, "
+          f"reference: 1 thread; medians of {a.repeats} runs\n")
     print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff |")
     print("|---|---|---|---|---|---|---|")
     for d in map(int, a.depths.split(",")):
@@ -61,9 +86,49 @@ def main():
                                                           depth=d)), a.repeats) / a.pairs_cpu
         diff = np.max(np.abs(out[-1][0, :a.pairs_ref] - ref_vals[-1]) / np.abs(ref_vals[-1]))
         print(f"| {d} | {1e3 * t_ref:.1f} | {1e3 * t_cpu:.2f} | {1 / t_ref:.2f} | {1 / t_cpu:.1f} | "
-              f"{t_ref / t_cpu:.1f}x | {diff:.1e} |")
+              f"{t_ref / t_cpu:.1f}x | {diff:.1e} |", flush=True)
+
+
+def cost_table(a, ghz: float) -> None:
+    threads = numba.get_num_threads()
+    print(f"\ncpu backend, {threads} threads, GAP, Omniglot resized; clock {ghz:.2f} GHz (measured); limit = "
+          f"flop per entry / ({FLOP_PER_CYCLE} flop/cycle x {ghz:.2f} GHz x {threads} cores)\n")
+    print("| size | depth | us/pair | pairs/s | ns per entry per layer (x cores) | flop per entry | "
+          "limit us/pair | fraction of limit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in map(int, a.sizes.split(",")):
+        x = omniglot_images(40, size)
+        for d in map(int, a.depths.split(",")):
+            l = scale_maps(x, d)
+            cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)
+            entries = size ** 4
+            rows = max(1, min(8, int(2e6 / (entries * (d - 1)))))  # ~0.2 s or more per timed call
+            n = rows * 32
+            t = time_it(lambda: cntk_block_cpu(x[:rows], l[:rows], x[8:40], l[8:40], depth=d), a.repeats) / n
+            flop = flop_per_entry(x.shape[1], d)
+            limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
+            print(f"| {size}x{size} | {d} | {1e6 * t:.1f} | {1 / t:,.0f} | {1e9 * t * threads / (entries * (d - 1)):.2f} | "
+                  f"{flop} | {1e6 * limit:.1f} | {limit / t:.0%} |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depths", default="3,10,20")
+    ap.add_argument("--pairs-ref", type=int, default=2, help="pairs timed with the reference (slow)")
+    ap.add_argument("--pairs-cpu", type=int, default=64, help="pairs timed with the cpu backend")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
+    ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
+    ap.add_argument("--skip-reference", action="store_true", help="only the cost table")
+    a = ap.parse_args()
+    print(load(), "\n")
+    if not a.skip_reference:
+        speedup_table(a)
+    if a.sizes:
+        cost_table(a, clock_ghz())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process: {peak:.0f} MiB (reference 4-D tensors dominate: 6 x (HW)^2 float64)")
+    print(load())
 
 
 if __name__ == "__main__":
