@@ -2,6 +2,7 @@
 by image size and depth against the arithmetic limit; peak memory.
 
     .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 2] [--pairs-cpu 64] [--sizes 8,12,16,28]
+                                       [--threads N] [--skip-reference]
 
 Prints Markdown tables (medians of --repeats runs) for docs/benchmarks.md, with the load averages before and after.
 The limit: FLOP_PER_ENTRY(C, d) floating-point operations per kernel entry (pair x entry of the 4-D recursion),
@@ -120,7 +121,10 @@ def main():
     ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
     ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
     ap.add_argument("--skip-reference", action="store_true", help="only the cost table")
+    ap.add_argument("--threads", type=int, default=0, help="numba threads of the cpu backend (default: all)")
     a = ap.parse_args()
+    if a.threads:
+        numba.set_num_threads(a.threads)
     print(load(), "\n")
     if not a.skip_reference:
         speedup_table(a)

@@ -4,8 +4,8 @@ A(.) never mixes offsets D = p - q, so the 4-D recursion of a pair splits into 2
 which A is a 3x3 box filter with zero boundary and V is elementwise. The (2H-1)(2W-1) slabs pack exactly into H*W
 tiles of H x W entries (as in cntk_fused.cu): tile (b, a), indexed by q = (i, j), holds the entry (p, q) with
 p = ((i + b) mod H, (j + a) mod W); it is made of up to four slabs, separated by cuts at row H - b and column W - a,
-which the box filter does not cross. With the x-side inputs stored with rows and columns doubled, the p of a tile
-row is a contiguous run, so every pass is a plain loop over a tile row: no padding, no gathers.
+which the box filter does not cross. With the x-side inputs rotated by a columns (once per a), the p of a tile
+row is the contiguous row (i + b) mod H, so every pass is a plain loop over a tile row: no padding, no gathers.
 A batch of `lanes` pairs runs in lock step: each tile entry holds one float32 per pair, side by side, so a tile row
 is W * lanes floats whatever the image size (lanes = 16 below W = 16, else 8), and the loops vectorise without
 remainders. A pair's arithmetic does not depend on its batch or lane: any block of a Gram has the same bits. The per-image inputs of
@@ -94,19 +94,19 @@ def _box3(buf, hb, ml, mr, hh, rowlen, lanes, grp, cut):
 def _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hb, ml, mr, grp, acc, tot):
     """tot[k] += sum over tile (b, a) of T (T - S if fix) after all layers, for the batch's pairs k < lanes.
 
-    xb: (C, 2H, 2W, lanes) batch images, rows and columns doubled (p side); zb: (C, H, W, lanes) (q side);
-    axb, rxb: (depth-1, 2H, 2W, lanes) maps a and r, doubled; azb, rzb: (depth-1, H, W, lanes); all flat.
+    xb: (C, H, W, lanes) batch images with columns rotated by a (p side, _rotate); zb: (C, H, W, lanes) (q side);
+    axb, rxb: (depth-1, H, W, lanes) maps a and r, rotated by a; azb, rzb: (depth-1, H, W, lanes); all flat.
     ml, mr: the row pass's masks for column shift a (column_masks), grp rows of them."""
     rowlen = ww * lanes
+    plane = hh * rowlen
     cut_r = hh - b  # first row of the second piece (none when b = 0)
-    xrow, zrow = 2 * ww * lanes, rowlen
-    xplane, zplane = 2 * hh * xrow, hh * zrow
-    # G[p, q] = sum_c x_c[p] z_c[q]
+    # G[p, q] = sum_c x_c[p] z_c[q]; tile row i reads the p row (i + b) mod H
     for i in range(hh):
         dst = s[lanes + i * rowlen:lanes + (i + 1) * rowlen]
+        xi = i + b if i + b < hh else i + b - hh
         for ch in range(nch):
-            xr = xb[ch * xplane + (i + b) * xrow + a * lanes:]
-            zr = zb[ch * zplane + i * zrow:]
+            xr = xb[ch * plane + xi * rowlen:]
+            zr = zb[ch * plane + i * rowlen:]
             if ch == 0:
                 for e in range(rowlen):
                     dst[e] = xr[e] * zr[e]
@@ -121,8 +121,8 @@ def _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, h
         t[:n] = s[:n]
     for layer in range(nl):
         for i in range(hh):
-            ox = layer * xplane + (i + b) * xrow + a * lanes
-            oz = layer * zplane + i * zrow
+            xi = i + b if i + b < hh else i + b - hh
+            ox, oz = layer * plane + xi * rowlen, layer * plane + i * rowlen
             _relu_row(s[lanes + i * rowlen:], t[lanes + i * rowlen:], axb[ox:], azb[oz:], rxb[ox:], rzb[oz:], rowlen)
         if layer < nl - 1:
             _box3(s, hb, ml, mr, hh, rowlen, lanes, grp, cut_r)
@@ -154,21 +154,28 @@ def _column_masks(ml, mr, a, ww, lanes, grp):
 
 
 @nb.njit(**_JIT)
-def _interleave(src, idx, out, lanes, double):
-    """out[((c r) s) k] = src[idx[k], c, r mod H, s mod W] over rows and columns (doubled: 2H x 2W), pair innermost."""
+def _interleave(src, idx, out, lanes):
+    """out[((c r) s) k] = src[idx[k], c, r, s]: per-image arrays of a batch, the pair innermost."""
     nc, hh, ww = src.shape[1], src.shape[2], src.shape[3]
-    fr = 2 if double else 1
     for k in range(lanes):
         v = src[idx[k]]
         for c in range(nc):
             for r in range(hh):
                 for q in range(ww):
-                    e = ((c * fr * hh + r) * fr * ww + q) * lanes + k
-                    out[e] = v[c, r, q]
-                    if double:
-                        out[e + ww * lanes] = v[c, r, q]
-                        out[e + 2 * hh * ww * lanes] = v[c, r, q]
-                        out[e + (2 * hh + 1) * ww * lanes] = v[c, r, q]
+                    out[((c * hh + r) * ww + q) * lanes + k] = v[c, r, q]
+
+
+@nb.njit(**_JIT)
+def _rotate(src, dst, a, rowlen, lanes):
+    """dst[row, j] = src[row, (j + a) mod W] for every row of W entries (rowlen = W * lanes floats)."""
+    sh = a * lanes
+    for o in range(0, len(src), rowlen):
+        head, tail = src[o + sh:o + rowlen], src[o:o + sh]
+        d1, d2 = dst[o:o + rowlen - sh], dst[o + rowlen - sh:o + rowlen]
+        for e in range(rowlen - sh):
+            d1[e] = head[e]
+        for e in range(sh):
+            d2[e] = tail[e]
 
 
 @nb.njit(parallel=True, **_JIT)
@@ -186,12 +193,11 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
         hb = np.zeros((hh + 2) * ww * lanes, np.float32)
         ml = np.empty(grp * ww * lanes, np.float32)
         mr = np.empty(grp * ww * lanes, np.float32)
-        xb = np.empty(nch * 4 * hh * ww * lanes, np.float32)
-        zb = np.empty(nch * hh * ww * lanes, np.float32)
-        axb = np.empty(nl * 4 * hh * ww * lanes, np.float32)
-        rxb = np.empty_like(axb)
-        azb = np.empty(nl * hh * ww * lanes, np.float32)
-        rzb = np.empty_like(azb)
+        xp = np.empty(nch * hh * ww * lanes, np.float32)
+        xb, zb = np.empty_like(xp), np.empty_like(xp)
+        axp = np.empty(nl * hh * ww * lanes, np.float32)
+        rxp, axb, rxb = np.empty_like(axp), np.empty_like(axp), np.empty_like(axp)
+        azb, rzb = np.empty_like(axp), np.empty_like(axp)
         pi = np.empty(lanes, np.int64)
         pj = np.empty(lanes, np.int64)
         acc = np.empty(ww * lanes, np.float32)
@@ -200,15 +206,18 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
             for k in range(lanes):  # lanes past the last pair repeat the batch's first pair; their results are dropped
                 m = bt * lanes + k if bt * lanes + k < n else bt * lanes
                 pi[k], pj[k] = ii[m], jj[m]
-            _interleave(x1, pi, xb, lanes, True)
-            _interleave(a1, pi, axb, lanes, True)
-            _interleave(r1, pi, rxb, lanes, True)
-            _interleave(x2, pj, zb, lanes, False)
-            _interleave(a2, pj, azb, lanes, False)
-            _interleave(r2, pj, rzb, lanes, False)
+            _interleave(x1, pi, xp, lanes)
+            _interleave(a1, pi, axp, lanes)
+            _interleave(r1, pi, rxp, lanes)
+            _interleave(x2, pj, zb, lanes)
+            _interleave(a2, pj, azb, lanes)
+            _interleave(r2, pj, rzb, lanes)
             tot[:] = 0.0
             for a in range(ww if gap else 1):
                 _column_masks(ml, mr, a, ww, lanes, grp)
+                _rotate(xp, xb, a, ww * lanes, lanes)
+                _rotate(axp, axb, a, ww * lanes, lanes)
+                _rotate(rxp, rxb, a, ww * lanes, lanes)
                 for b in range(hh if gap else 1):
                     _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hb, ml, mr, grp, acc, tot)
             for k in range(lanes):
