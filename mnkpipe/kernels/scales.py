@@ -18,7 +18,7 @@ def box3(a: np.ndarray) -> np.ndarray:
 def pow2_scale(x: np.ndarray) -> np.ndarray:
     """m_i = 2^floor(log2 max|x_i|) per image (1 for an all-zero image): max |x_i / m_i| lies in [1, 2), exactly."""
     x = np.asarray(x)
-    peak = np.abs(x.reshape(len(x), -1)).max(axis=1, initial=0.0).astype(np.float64)
+    peak = np.abs(x).max(axis=tuple(range(1, x.ndim)), initial=0.0).astype(np.float64)
     _, e = np.frexp(peak)  # peak = f 2^e with f in [0.5, 1)
     return np.where(peak > 0, np.ldexp(1.0, e - 1), 1.0)
 
