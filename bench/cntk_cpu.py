@@ -5,6 +5,9 @@ by image size and depth against the arithmetic limit; peak memory.
                                        [--threads N] [--skip-reference]
 
 Prints Markdown tables (medians of --repeats runs) for docs/benchmarks.md, with the load averages before and after.
+The speed-up is of wall times (cpu backend on all numba threads vs the single-threaded reference); the
+CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
+other processes on the machine disturb less.
 The limit: FLOP_PER_ENTRY(C, d) floating-point operations per kernel entry (pair x entry of the 4-D recursion),
 at 2 FMA x 8 float32 lanes x 2 flop = 32 flop per cycle per core (256-bit vectors, which LLVM uses here) and the
 clock measured by a dependency chain, on all numba threads.
@@ -65,6 +68,16 @@ def time_it(fn, repeats: int) -> float:
     return statistics.median(time_once(fn) for _ in range(repeats))
 
 
+def time_both(fn, repeats: int) -> tuple[float, float]:
+    """Medians of wall seconds and of this process's CPU seconds (all threads) per call."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c = time.process_time()
+        walls.append(time_once(fn))
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def load() -> str:
     return "load averages " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -73,21 +86,24 @@ def speedup_table(a) -> None:
     x = omniglot_images(2 + a.pairs_cpu, a.size)
     print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores, "
           f"reference: 1 thread; medians of {a.repeats} runs\n")
-    print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff |")
-    print("|---|---|---|---|---|---|---|")
+    print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff | "
+          "CPU-seconds ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for d in map(int, a.depths.split(",")):
         l = scale_maps(x, d)
         x64, l64 = x.astype(np.float64), l
         ref_vals = []
-        t_ref = time_it(lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
-                                                 for j in range(a.pairs_ref)]), a.repeats) / a.pairs_ref
+        t_ref, c_ref = (v / a.pairs_ref for v in time_both(
+            lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
+                                     for j in range(a.pairs_ref)]), a.repeats))
         cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)  # compile / load the cache outside the timing
         out = []
-        t_cpu = time_it(lambda: out.append(cntk_block_cpu(x[:1], l[:1], x[1:1 + a.pairs_cpu], l[1:1 + a.pairs_cpu],
-                                                          depth=d)), a.repeats) / a.pairs_cpu
+        t_cpu, c_cpu = (v / a.pairs_cpu for v in time_both(
+            lambda: out.append(cntk_block_cpu(x[:1], l[:1], x[1:1 + a.pairs_cpu], l[1:1 + a.pairs_cpu], depth=d)),
+            a.repeats))
         diff = np.max(np.abs(out[-1][0, :a.pairs_ref] - ref_vals[-1]) / np.abs(ref_vals[-1]))
         print(f"| {d} | {1e3 * t_ref:.1f} | {1e3 * t_cpu:.2f} | {1 / t_ref:.2f} | {1 / t_cpu:.1f} | "
-              f"{t_ref / t_cpu:.1f}x | {diff:.1e} |", flush=True)
+              f"{t_ref / t_cpu:.1f}x | {diff:.1e} | {c_ref / c_cpu:.1f}x |", flush=True)
 
 
 def cost_table(a, ghz: float) -> None:
