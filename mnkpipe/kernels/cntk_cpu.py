@@ -32,7 +32,7 @@ _INV_9PI = np.float32(1.0 / (9.0 * math.pi))
 # result no longer depends on how a particular process's compile happened to order the IR (bit-identical Grams).
 # error_model="numpy": no ZeroDivisionError branches, which would keep the vectoriser away.
 _FM = {"nnan", "ninf", "nsz", "arcp", "contract", "afn"}
-_JIT = dict(fastmath=_FM, error_model="numpy", cache=True)
+_JIT = {"fastmath": _FM, "error_model": "numpy", "cache": True}
 
 
 @nb.njit(inline="always", **_JIT)
