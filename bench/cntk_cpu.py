@@ -4,7 +4,7 @@ by image size and depth against the arithmetic limit; peak memory.
     .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 2] [--pairs-cpu 64] [--sizes 8,12,16,28]
                                        [--threads N] [--skip-reference]
 
-Prints Markdown tables (medians of --repeats runs) for docs/benchmarks.md, with the load averages before and after.
+Prints Markdown tables (best of --repeats runs, the same statistic for both backends) for docs/benchmarks.md, with the load averages before and after.
 The speed-up is of wall times (cpu backend on all numba threads vs the single-threaded reference); the
 CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
 other processes on the machine disturb less.
@@ -16,7 +16,6 @@ clock measured by a dependency chain, on all numba threads.
 import argparse
 import os
 import resource
-import statistics
 import time
 
 import numba
@@ -65,17 +64,18 @@ def time_once(fn) -> float:
 
 
 def time_it(fn, repeats: int) -> float:
-    return statistics.median(time_once(fn) for _ in range(repeats))
+    """Best wall seconds of `repeats` calls (the least disturbed by other processes)."""
+    return min(time_once(fn) for _ in range(repeats))
 
 
 def time_both(fn, repeats: int) -> tuple[float, float]:
-    """Medians of wall seconds and of this process's CPU seconds (all threads) per call."""
+    """Best wall seconds and best CPU seconds of this process (all threads) of `repeats` calls."""
     walls, cpus = [], []
     for _ in range(repeats):
         c = time.process_time()
         walls.append(time_once(fn))
         cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
+    return min(walls), min(cpus)
 
 
 def load() -> str:
@@ -85,7 +85,7 @@ def load() -> str:
 def speedup_table(a) -> None:
     x = omniglot_images(2 + a.pairs_cpu, a.size)
     print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores, "
-          f"reference: 1 thread; medians of {a.repeats} runs\n")
+          f"reference: 1 thread; best of {a.repeats} runs\n")
     print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff | "
           "CPU-seconds ratio |")
     print("|---|---|---|---|---|---|---|---|")
