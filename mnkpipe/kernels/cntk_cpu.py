@@ -44,8 +44,7 @@ def _relu_row(s, t, ax, az, rx, rz, n):
     one = np.float32(1.0)
     for i in range(n):
         rho = s[i] * (rx[i] * rz[i])
-        rho = min(max(rho, -one), one)
-        rho = one if rho > one - np.float32(RHO_SNAP32) else rho
+        rho = one if rho > one - np.float32(RHO_SNAP32) else max(rho, -one)  # clip to [-1, 1], snap near 1
         a = abs(rho)
         u = np.float32(math.sqrt(one - a))
         p = np.float32(-0.0012624911)
