@@ -1,10 +1,11 @@
 """Pairs/s of the fused CPU backend vs the float64 numpy reference, same Omniglot inputs, same run; cost per pair
 by image size and depth against the arithmetic limit; peak memory.
 
-    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 2] [--pairs-cpu 64] [--sizes 8,12,16,28]
+    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 1] [--pairs-cpu 16] [--sizes 8,12,16,28]
                                        [--threads N] [--skip-reference]
 
-Prints Markdown tables (best of --repeats runs, the same statistic for both backends) for docs/benchmarks.md, with the load averages before and after.
+Prints Markdown tables (best of --repeats calls, the same statistic for both backends) for docs/benchmarks.md,
+with the load averages before and after.
 The speed-up is of wall times (cpu backend on all numba threads vs the single-threaded reference); the
 CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
 other processes on the machine disturb less.
@@ -23,7 +24,7 @@ import numpy as np
 
 from mnkpipe.data import fit_standardiser, load_omniglot, resolve_data_root, standardise_and_pad
 from mnkpipe.kernels import scale_maps
-from mnkpipe.kernels.cntk_cpu import cntk_block_cpu
+from mnkpipe.kernels.cntk_cpu import batch_lanes, cntk_block_cpu
 from mnkpipe.kernels.cntk_reference import cntk_pair
 
 FLOP_PER_CYCLE = 32  # per core: two 256-bit FMA units, 8 float32 lanes, 2 flop per FMA
@@ -119,9 +120,8 @@ def cost_table(a, ghz: float) -> None:
             l = scale_maps(x, d)
             cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)
             entries = size ** 4
-            rows = max(1, min(8, int(2e6 / (entries * (d - 1)))))  # ~0.2 s or more per timed call
-            n = rows * 32
-            t = time_it(lambda: cntk_block_cpu(x[:rows], l[:rows], x[8:40], l[8:40], depth=d), a.repeats) / n
+            n = batch_lanes(size) * threads  # one batch per thread per timed call
+            t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[8:8 + n], l[8:8 + n], depth=d), a.repeats) / n
             flop = flop_per_entry(x.shape[1], d)
             limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
             print(f"| {size}x{size} | {d} | {1e6 * t:.1f} | {1 / t:,.0f} | {1e9 * t * threads / (entries * (d - 1)):.2f} | "
@@ -131,9 +131,10 @@ def cost_table(a, ghz: float) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="3,10,20")
-    ap.add_argument("--pairs-ref", type=int, default=2, help="pairs timed with the reference (slow)")
-    ap.add_argument("--pairs-cpu", type=int, default=64, help="pairs timed with the cpu backend")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs-ref", type=int, default=1, help="pairs per timed call of the reference (slow)")
+    ap.add_argument("--pairs-cpu", type=int, default=16, help="pairs per timed call of the cpu backend (16 at 28x28: "
+                    "one batch of 8 per thread; short calls are the least disturbed by other processes)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the best counts")
     ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
     ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
     ap.add_argument("--skip-reference", action="store_true", help="only the cost table")
