@@ -124,7 +124,8 @@ def cost_table(a, ghz: float) -> None:
             t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[8:8 + n], l[8:8 + n], depth=d), a.repeats) / n
             flop = flop_per_entry(x.shape[1], d)
             limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
-            print(f"| {size}x{size} | {d} | {1e6 * t:.1f} | {1 / t:,.0f} | {1e9 * t * threads / (entries * (d - 1)):.2f} | "
+            ns = 1e9 * t * threads / (entries * (d - 1))
+            print(f"| {size}x{size} | {d} | {1e6 * t:.1f} | {1 / t:,.0f} | {ns:.2f} | "
                   f"{flop} | {1e6 * limit:.1f} | {limit / t:.0%} |", flush=True)
 
 

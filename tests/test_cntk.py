@@ -169,3 +169,15 @@ def test_cpu_block_bits_do_not_depend_on_batching():
     np.testing.assert_array_equal(cntk(x[3:5], x[5:19], depth=5, backend="cpu"), k[3:5, 5:19])
     np.testing.assert_array_equal(cntk(x[7:16], depth=5, backend="cpu"), k[7:16, 7:16])
     np.testing.assert_array_equal(cntk(x[:1], x[20:], depth=5, backend="cpu"), k[:1, 20:])
+
+
+def test_block_from_float32_inputs_of_tiny_magnitude():
+    """The worker path: float32 images and float32 scale maps as a store holds them, scaled by 1e-30."""
+    from mnkpipe.kernels import cntk_block
+
+    x = np.random.default_rng(11).normal(size=(4, 1, 6, 7))
+    k = cntk(x, depth=4, backend="cpu")
+    xs = (1e-30 * x).astype(np.float32)
+    ls = scale_maps(xs, 4).astype(np.float32)
+    kb = cntk_block(xs, ls, xs, ls, depth=4, upper=True, backend="cpu")
+    assert rel_err(kb / 1e-60, k) <= 1e-6

@@ -8,9 +8,9 @@ which the box filter does not cross. With the x-side inputs rotated by a columns
 row is the contiguous row (i + b) mod H, so every pass is a plain loop over a tile row: no padding, no gathers.
 A batch of `lanes` pairs runs in lock step: each tile entry holds one float32 per pair, side by side, so a tile row
 is W * lanes floats whatever the image size (lanes = 16 below W = 16, else 8), and the loops vectorise without
-remainders. A pair's arithmetic does not depend on its batch or lane: any block of a Gram has the same bits. The per-image inputs of
-a batch (images, maps a = l / sqrt(9 pi), reciprocals r = 1 / l) are interleaved once per batch, so V needs no
-division, no 1/(9 pi) multiply and no l_x l_z rebuilt from short rows.
+remainders. A pair's arithmetic does not depend on its batch or lane: any block of a Gram has the same bits.
+The per-image inputs of a batch (images, maps a = l / sqrt(9 pi), reciprocals r = 1 / l) are interleaved once per
+batch, so V needs no division, no 1/(9 pi) multiply and no l_x l_z rebuilt from short rows.
 Arithmetic is float32; each tile column is summed in float32 per pair and added to the pair's float64 total.
 """
 
@@ -179,7 +179,7 @@ def _rotate(src, dst, a, rowlen, lanes):
 
 @nb.njit(parallel=True, **_JIT)
 def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
-    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair: batches of `lanes` pairs, in parallel chunks of batches."""
+    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair: batches of `lanes` pairs, parallel chunks of batches."""
     nch, hh, ww = x1.shape[1], x1.shape[2], x1.shape[3]
     nl = a1.shape[1]
     n = ii.shape[0]
@@ -218,7 +218,8 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
                 _rotate(axp, axb, a, ww * lanes, lanes)
                 _rotate(rxp, rxb, a, ww * lanes, lanes)
                 for b in range(hh if gap else 1):
-                    _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hb, ml, mr, grp, acc, tot)
+                    _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hb, ml, mr, grp, acc,
+                          tot)
             for k in range(lanes):
                 if bt * lanes + k < n:
                     out[bt * lanes + k] = tot[k] / float(hh * ww) ** 2 if gap else tot[k]
