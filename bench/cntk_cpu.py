@@ -1,22 +1,54 @@
-"""Pairs/s of the fused CPU backend vs the float64 numpy reference, same Omniglot inputs, same run; peak memory.
+"""Pairs/s of the fused CPU backend vs the float64 numpy reference, same Omniglot inputs, same run; cost per pair
+by image size and depth against the arithmetic limit; peak memory.
 
-    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 2] [--pairs-cpu 64]
+    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 1] [--pairs-cpu 16] [--sizes 8,12,16,28]
+                                       [--threads N] [--skip-reference]
 
-Prints a Markdown table (medians of --repeats runs) for docs/benchmarks.md.
+Prints Markdown tables (best of --repeats calls, the same statistic for both backends) for docs/benchmarks.md,
+with the load averages before and after.
+The speed-up is of wall times (cpu backend on all numba threads vs the single-threaded reference); the
+CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
+other processes on the machine disturb less.
+The limit: FLOP_PER_ENTRY(C, d) floating-point operations per kernel entry (pair x entry of the 4-D recursion),
+at 2 FMA x 8 float32 lanes x 2 flop = 32 flop per cycle per core (256-bit vectors, which LLVM uses here) and the
+clock measured by a dependency chain, on all numba threads.
 """
 
 import argparse
 import os
 import resource
-import statistics
 import time
 
+import numba
 import numpy as np
 
 from mnkpipe.data import fit_standardiser, load_omniglot, resolve_data_root, standardise_and_pad
 from mnkpipe.kernels import scale_maps
-from mnkpipe.kernels.cntk_cpu import cntk_block_cpu
+from mnkpipe.kernels.cntk_cpu import batch_lanes, cntk_block_cpu
 from mnkpipe.kernels.cntk_reference import cntk_pair
+
+FLOP_PER_CYCLE = 32  # per core: two 256-bit FMA units, 8 float32 lanes, 2 flop per FMA
+
+
+def flop_per_entry(c: int, depth: int) -> int:
+    """G (2C), A(G) (6: 2 FMA + 2 add), d-1 V steps (30 each: 2 mul rho, 1 - |rho|, 7 FMA of the acos polynomial,
+    u P, pi - acos, 1 + |rho|, u sqrt, FMA, a_x a_z, product, (pi - theta)/(9 pi), FMA of T; plus 2 square roots
+    and 5 clip/abs/select ops not counted), d-2 pairs of box filters on S and T (12), the final sum (1)."""
+    return 2 * c + 6 + 30 * (depth - 1) + 12 * (depth - 2) + 1
+
+
+@numba.njit
+def _chain(n, x):
+    for i in range(n):
+        x = (x * x) ^ i  # imul (3 cycles) + xor (1 cycle), dependent
+    return x
+
+
+def clock_ghz() -> float:
+    """Core clock from a dependent imul + xor chain of 4 cycles per step (best of 10)."""
+    _chain(10, 1)
+    best = min(time_once(lambda: _chain(20_000_000, 1)) for _ in range(10))
+    return 4 * 20e6 / best / 1e9
 
 
 def omniglot_images(n: int, size: int = 28) -> np.ndarray:
@@ -26,44 +58,99 @@ def omniglot_images(n: int, size: int = 28) -> np.ndarray:
     return standardise_and_pad(ds.images[idx], mean, std, None)
 
 
+def time_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def time_it(fn, repeats: int) -> float:
-    ts = []
+    """Best wall seconds of `repeats` calls (the least disturbed by other processes)."""
+    return min(time_once(fn) for _ in range(repeats))
+
+
+def time_both(fn, repeats: int) -> tuple[float, float]:
+    """Best wall seconds and best CPU seconds of this process (all threads) of `repeats` calls."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        c = time.process_time()
+        walls.append(time_once(fn))
+        cpus.append(time.process_time() - c)
+    return min(walls), min(cpus)
+
+
+def load() -> str:
+    return "load averages " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def speedup_table(a) -> None:
+    x = omniglot_images(2 + a.pairs_cpu, a.size)
+    print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores, "
+          f"reference: 1 thread; best of {a.repeats} runs\n")
+    print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff | "
+          "CPU-seconds ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in map(int, a.depths.split(",")):
+        l = scale_maps(x, d)
+        x64, l64 = x.astype(np.float64), l
+        ref_vals = []
+        t_ref, c_ref = (v / a.pairs_ref for v in time_both(
+            lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
+                                     for j in range(a.pairs_ref)]), a.repeats))
+        cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)  # compile / load the cache outside the timing
+        out = []
+        t_cpu, c_cpu = (v / a.pairs_cpu for v in time_both(
+            lambda: out.append(cntk_block_cpu(x[:1], l[:1], x[1:1 + a.pairs_cpu], l[1:1 + a.pairs_cpu], depth=d)),
+            a.repeats))
+        diff = np.max(np.abs(out[-1][0, :a.pairs_ref] - ref_vals[-1]) / np.abs(ref_vals[-1]))
+        print(f"| {d} | {1e3 * t_ref:.1f} | {1e3 * t_cpu:.2f} | {1 / t_ref:.2f} | {1 / t_cpu:.1f} | "
+              f"{t_ref / t_cpu:.1f}x | {diff:.1e} | {c_ref / c_cpu:.1f}x |", flush=True)
+
+
+def cost_table(a, ghz: float) -> None:
+    threads = numba.get_num_threads()
+    print(f"\ncpu backend, {threads} threads, GAP, Omniglot resized; clock {ghz:.2f} GHz (measured); limit = "
+          f"flop per entry / ({FLOP_PER_CYCLE} flop/cycle x {ghz:.2f} GHz x {threads} cores)\n")
+    print("| size | depth | us/pair | pairs/s | ns per entry per layer (x cores) | flop per entry | "
+          "limit us/pair | fraction of limit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in map(int, a.sizes.split(",")):
+        x = omniglot_images(40, size)
+        for d in map(int, a.depths.split(",")):
+            l = scale_maps(x, d)
+            cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)
+            entries = size ** 4
+            n = batch_lanes(size) * threads  # one batch per thread per timed call
+            t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[8:8 + n], l[8:8 + n], depth=d), a.repeats) / n
+            flop = flop_per_entry(x.shape[1], d)
+            limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
+            ns = 1e9 * t * threads / (entries * (d - 1))
+            print(f"| {size}x{size} | {d} | {1e6 * t:.1f} | {1 / t:,.0f} | {ns:.2f} | "
+                  f"{flop} | {1e6 * limit:.1f} | {limit / t:.0%} |", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="3,10,20")
-    ap.add_argument("--pairs-ref", type=int, default=2, help="pairs timed with the reference (slow)")
-    ap.add_argument("--pairs-cpu", type=int, default=64, help="pairs timed with the cpu backend")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--pairs-ref", type=int, default=1, help="pairs per timed call of the reference (slow)")
+    ap.add_argument("--pairs-cpu", type=int, default=16, help="pairs per timed call of the cpu backend (16 at 28x28: "
+                    "one batch of 8 per thread; short calls are the least disturbed by other processes)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the best counts")
+    ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
+    ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
+    ap.add_argument("--skip-reference", action="store_true", help="only the cost table")
+    ap.add_argument("--threads", type=int, default=0, help="numba threads of the cpu backend (default: all)")
     a = ap.parse_args()
-    import numba
-    x = omniglot_images(2 + a.pairs_cpu, a.size)
-    print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores; "
-          f"medians of {a.repeats} runs\n")
-    print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff |")
-    print("|---|---|---|---|---|---|---|")
-    for d in map(int, a.depths.split(",")):
-        l = scale_maps(x, d)
-        x64, l64 = x.astype(np.float64), l
-        ref_vals = []
-        t_ref = time_it(lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
-                                                 for j in range(a.pairs_ref)]), a.repeats) / a.pairs_ref
-        cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)  # compile / load the cache outside the timing
-        out = []
-        t_cpu = time_it(lambda: out.append(cntk_block_cpu(x[:1], l[:1], x[1:1 + a.pairs_cpu], l[1:1 + a.pairs_cpu],
-                                                          depth=d)), a.repeats) / a.pairs_cpu
-        diff = np.max(np.abs(out[-1][0, :a.pairs_ref] - ref_vals[-1]) / np.abs(ref_vals[-1]))
-        print(f"| {d} | {1e3 * t_ref:.1f} | {1e3 * t_cpu:.2f} | {1 / t_ref:.2f} | {1 / t_cpu:.1f} | "
-              f"{t_ref / t_cpu:.1f}x | {diff:.1e} |")
+    if a.threads:
+        numba.set_num_threads(a.threads)
+    print(load(), "\n")
+    if not a.skip_reference:
+        speedup_table(a)
+    if a.sizes:
+        cost_table(a, clock_ghz())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process: {peak:.0f} MiB (reference 4-D tensors dominate: 6 x (HW)^2 float64)")
+    print(load())
 
 
 if __name__ == "__main__":

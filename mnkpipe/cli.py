@@ -1,13 +1,42 @@
 """The mnkpipe command line: thin click wrappers around the Python API."""
 
 import json
+import signal
 import sys
 
 import click
 
+INTERRUPTED = "finished tiles are kept; rerun the same command to resume"
+
 
 def _fail(e: Exception):
     raise click.ClickException(str(e))
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that locks and Ray are released on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _api(call):
+    """Run call() for a command: its errors become one clear message (exit 1), Ctrl-C exits 130 and SIGTERM 143,
+    each with a one-line message and no traceback, after the store's lock and Ray were released."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return call()
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted (Ctrl-C): {INTERRUPTED}.", err=True)
+        sys.exit(130)
+    except _Terminated:
+        click.echo(f"\nStopped (SIGTERM): {INTERRUPTED}.", err=True)
+        sys.exit(143)
+    except (ValueError, RuntimeError, OSError) as e:
+        _fail(e)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -40,7 +69,8 @@ def data_info(root):
         rows = dataset_info(resolve_data_root(root))
     except DataError as e:
         _fail(e)
-    click.echo(f"{'split':<22}{'groups':>10}{'classes':>12}{'images':>9}  source")
+    groups, classes = ("alphabets", "characters") if rows[0]["kind"] == "omniglot" else ("groups", "classes")
+    click.echo(f"{'split':<22}{groups:>10}{classes:>12}{'images':>9}  source")
     for r in rows:
         click.echo(f"{r['split']:<22}{r['groups']:>10}{r['classes']:>12}{r['images']:>9}  {r['source']}")
 
@@ -60,7 +90,8 @@ def data_download(root):
 # -- kernel ------------------------------------------------------------------------------------------------------
 @main.command("gram")
 @click.option("--data", help="Omniglot folder (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
-@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1), help="Number of evaluation-split images.")
+@click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Number of evaluation-split images.")
 @click.option("--depth", default=10, show_default=True, type=click.IntRange(min=2),
               help="CNTK depth (depth - 1 conv layers).")
 @click.option("--size", default=28, show_default=True, type=click.IntRange(min=3),
@@ -104,11 +135,8 @@ def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, brea
     data is refused, and a store being computed by another driver is refused.
     """
     from .pipeline.driver import compute_kernel
-    try:
-        s = compute_kernel(config, store, data=data, gpus=gpus, cpus=cpus, address=address, tile_size=tile_size,
-                           progress=not no_progress, break_lock=break_lock)
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+    s = _api(lambda: compute_kernel(config, store, data=data, gpus=gpus, cpus=cpus, address=address,
+                                    tile_size=tile_size, progress=not no_progress, break_lock=break_lock))
     rate = s["pairs_computed"] / s["seconds"] if s["seconds"] else 0
     click.echo(f"{s['tiles_computed']} tiles computed, {s['tiles_skipped']} already done, "
                f"{s['pairs_computed']:,} pairs in {s['seconds']:.1f} s ({rate:,.0f} pairs/s) -> {store}")
@@ -129,7 +157,8 @@ def status_cmd(store, as_json):
 
 @main.command("verify")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--repair", is_flag=True, help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
+@click.option("--repair", is_flag=True,
+              help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
 @click.option("--address", help="Ray cluster for --repair.")
 def verify_cmd(store, repair, cpus, address):
@@ -140,7 +169,8 @@ def verify_cmd(store, repair, cpus, address):
     from .pipeline.driver import run_tiles
     from .pipeline.inspect import verify_store
     from .store import StoreLock
-    try:
+
+    def verify_and_repair():
         with StoreLock(store, command=" ".join(sys.argv)) if repair else nullcontext():
             r = verify_store(store, repair=repair)
             for b in r["bad"]:
@@ -149,8 +179,9 @@ def verify_cmd(store, repair, cpus, address):
             if repair and r["bad"]:
                 s = run_tiles(store, cpus=cpus, address=address)
                 click.echo(f"repaired: {s['tiles_computed']} tiles recomputed")
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+            return r
+
+    r = _api(verify_and_repair)
     if r["bad"] and not repair:
         sys.exit(1)
 
@@ -217,12 +248,10 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
     results.csv, results.md and accuracy.png there.
     """
     from .evaluation.evaluate import evaluate
-    try:
-        evaluate(store, train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels,
-                 augment=augment, config=config, ridge=ridge, eta=eta, t_outer=t_outer, normalise=not no_normalise,
-                 phi_tile_size=phi_tile_size, cpus=cpus, address=address, progress=not no_progress)
-    except (ValueError, RuntimeError, OSError) as e:
-        _fail(e)
+    _api(lambda: evaluate(store, train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels,
+                          augment=augment, config=config, ridge=ridge, eta=eta, t_outer=t_outer,
+                          normalise=not no_normalise, phi_tile_size=phi_tile_size, cpus=cpus, address=address,
+                          progress=not no_progress))
     _show_results(store, out)
 
 

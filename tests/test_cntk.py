@@ -95,3 +95,89 @@ def test_bad_input_raises_with_reason():
         cntk(good, depth=1)
     with pytest.raises(ValueError, match="unknown CNTK backend"):
         cntk(good, depth=3, backend="tpu")
+
+
+MAGNITUDES = [(1e-15, 1e-15), (1e-30, 1e-30), (5e18, 5e18), (1e150, 1e150), (1e-30, 5e18), (1e-200, 1e200),
+              (1e160, 1e-160)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("a,b", MAGNITUDES, ids=lambda v: f"{v:g}")
+def test_homogeneous_for_any_finite_magnitude(backend, a, b):
+    """K(a x, b z) = a b K(x, z) for any finite a, b > 0 (issue 10, item 3): float32 and float64 ranges included."""
+    rng = np.random.default_rng(4)
+    x, z = rng.normal(size=(3, 2, 7, 6)), rng.normal(size=(2, 2, 7, 6))
+    x[0, :, :3] = 0.0  # a zero patch: l = 0 there at the first layers
+    for gap, fix in [(True, False), (False, True)]:
+        k = cntk(x, z, depth=5, gap=gap, fix=fix, backend=backend)
+        kab = cntk(a * x, b * z, depth=5, gap=gap, fix=fix, backend=backend)
+        assert np.isfinite(kab).all()
+        assert rel_err(kab / (a * b), k) <= {"reference": 1e-12, "cpu": 1e-6}[backend], (gap, fix)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gram_of_images_of_mixed_magnitudes(backend):
+    """One symmetric Gram over images scaled by 1e-30 .. 1e150: K_ij = a_i a_j K0_ij."""
+    x = np.random.default_rng(5).normal(size=(5, 1, 6, 6))
+    a = np.array([1e-30, 1.0, 5e18, 1e150, 3e-20])
+    k0 = cntk(x, depth=4, backend=backend)
+    k = cntk(a[:, None, None, None] * x, depth=4, backend=backend)
+    assert rel_err(k / np.outer(a, a), k0) <= {"reference": 1e-12, "cpu": 1e-6}[backend]
+
+
+def test_ordinary_inputs_unchanged_by_power_of_two_normalisation():
+    """Dividing an image by a power of two is exact: scale maps of 2^k x are 2^k times those of x, bit for bit."""
+    x = np.random.default_rng(6).normal(size=(3, 2, 5, 7))
+    for k in (-60, -3, 1, 70):
+        np.testing.assert_array_equal(scale_maps(np.ldexp(x, k), 4), np.ldexp(scale_maps(x, 4), k))
+        np.testing.assert_array_equal(cntk(np.ldexp(x, k), depth=4, backend="cpu"),
+                                      np.ldexp(cntk(x, depth=4, backend="cpu"), 2 * k))
+
+
+EDGE_SHAPES = [(1, 1, 7), (1, 6, 1), (1, 2, 2), (1, 3, 3), (3, 5, 4), (2, 13, 17)]  # (C, H, W)
+
+
+@pytest.mark.parametrize("c,h,w", EDGE_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("gap,fix", [(True, False), (True, True), (False, False), (False, True)])
+def test_cpu_tile_edge_cases_match_oracle(c, h, w, gap, fix):
+    """Rectangular and symmetric Gram tiles: one-row / one-column / tiny images, channels, fix, vanilla; pair counts
+    that leave lanes of a batch empty; a zero patch and an all-zero image."""
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.normal(size=(7, c, h, w))
+    x[1, :, : h // 2 + 1, : w // 2 + 1] = 0.0
+    x[6] = 0.0
+    ref = cntk_reference(x, depth=4, gap=gap, fix=fix)
+    k = cntk(x, depth=4, gap=gap, fix=fix, backend="cpu")
+    assert np.array_equal(k, k.T) and rel_err(k, ref) <= 2e-5
+    assert rel_err(cntk(x[:3], x[2:], depth=4, gap=gap, fix=fix, backend="cpu"), ref[:3, 2:]) <= 2e-5
+    assert np.all(k[6] == 0.0)
+
+
+def test_cpu_64x64_matches_oracle():
+    """The largest image size of the tests: one pair (the oracle's 4-D tensors are 130 MB each here)."""
+    rng = np.random.default_rng(9)
+    x1, x2 = rng.normal(size=(1, 1, 64, 64)), rng.normal(size=(1, 1, 64, 64))
+    ref = cntk_reference(x1, x2, depth=3)
+    assert rel_err(cntk(x1, x2, depth=3, backend="cpu"), ref) <= 2e-5
+
+
+def test_cpu_block_bits_do_not_depend_on_batching():
+    """K(x_i, x_j) has the same bits in any block it is computed in (batches, lanes and threads differ), as long as
+    x_i stays on the row side (the symmetric Gram computes i <= j and mirrors it)."""
+    x = np.random.default_rng(10).normal(size=(21, 2, 9, 11))
+    k = cntk(x, depth=5, backend="cpu")
+    np.testing.assert_array_equal(cntk(x[3:5], x[5:19], depth=5, backend="cpu"), k[3:5, 5:19])
+    np.testing.assert_array_equal(cntk(x[7:16], depth=5, backend="cpu"), k[7:16, 7:16])
+    np.testing.assert_array_equal(cntk(x[:1], x[20:], depth=5, backend="cpu"), k[:1, 20:])
+
+
+def test_block_from_float32_inputs_of_tiny_magnitude():
+    """The worker path: float32 images and float32 scale maps as a store holds them, scaled by 1e-30."""
+    from mnkpipe.kernels import cntk_block
+
+    x = np.random.default_rng(11).normal(size=(4, 1, 6, 7))
+    k = cntk(x, depth=4, backend="cpu")
+    xs = (1e-30 * x).astype(np.float32)
+    ls = scale_maps(xs, 4).astype(np.float32)
+    kb = cntk_block(xs, ls, xs, ls, depth=4, upper=True, backend="cpu")
+    assert rel_err(kb / 1e-60, k) <= 1e-6

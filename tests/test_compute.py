@@ -4,22 +4,28 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from conftest import kill_ray_tree, ray_processes
+import ray
+from conftest import kill_processes, kill_ray_tree, ray_processes
 
 from mnkpipe.kernels import cntk
-from mnkpipe.pipeline.driver import compute_kernel
+from mnkpipe.pipeline.config import load_config
+from mnkpipe.pipeline.driver import compute_kernel, prepare_store, run_tiles
 from mnkpipe.pipeline.inspect import store_status, verify_store
+from mnkpipe.pipeline.ray_session import RayFailure
 from mnkpipe.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
+RAYLET = str(Path(ray.__file__).parent / "core" / "src" / "ray" / "raylet" / "raylet")
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
 
 
@@ -52,6 +58,18 @@ def kill_group(p: subprocess.Popen) -> None:
     raylet's pid, never by name), as a crash of its machine would."""
     kill_ray_tree(p.pid)
     p.wait(timeout=30)
+
+
+def own_processes(p: subprocess.Popen, prefix: str) -> list:
+    """The processes of driver p's own Ray instance whose command line starts with prefix."""
+    found = []
+    for q in ray_processes([psutil.Process(p.pid)]):
+        try:
+            if " ".join(q.cmdline()).startswith(prefix):
+                found.append(q)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
 
 
 def tiles_done(store) -> int:
@@ -116,8 +134,7 @@ def test_worker_killed_mid_tile_job_finishes_identical(workdir, reference):
     p = start_driver(cfg, store)
     try:
         assert wait_for(lambda: tiles_done(store) >= 1), "no tile finished"
-        busy = lambda: [q for q in ray_processes([psutil.Process(p.pid)])  # noqa: E731 - ours only
-                        if "ray::TileWorker.run" in " ".join(q.cmdline())]
+        busy = lambda: own_processes(p, "ray::TileWorker.run")  # noqa: E731
         assert wait_for(lambda: busy()), "no worker busy with a tile"
         victim = busy()[0]
         victim.kill()  # SIGKILL in the middle of a tile
@@ -148,6 +165,69 @@ def test_driver_sigkilled_at_random_moments_then_resumed_bit_identical(workdir, 
     assert r.returncode == 0, r.stderr
     computed, skipped = map(int, re.search(r"(\d+) tiles computed, (\d+) already done", r.stdout).groups())
     assert skipped == done_before and computed == 20 - done_before
+    assert np.array_equal(open_store(store).read_gram(), gram, equal_nan=True)
+
+
+def test_raylet_sigkilled_mid_job_driver_restarts_ray_and_finishes_identical(workdir, reference):
+    """The driver's own node lost (as when it is declared dead under load): Ray is restarted and the job resumed."""
+    cfg, _, gram = reference
+    store = workdir / "killraylet.zarr"
+    p = start_driver(cfg, store)
+    try:
+        assert wait_for(lambda: tiles_done(store) >= 2), "no tile finished"
+        raylet = own_processes(p, RAYLET)
+        assert len(raylet) == 1, raylet
+        raylet[0].kill()
+        out, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, out
+    finally:
+        kill_group(p)
+    assert "restarting Ray and resuming (1/3)" in out and "Traceback" not in out, out
+    assert np.array_equal(open_store(store).read_gram(), gram, equal_nan=True)
+    assert verify_store(store)["bad"] == []
+
+
+def test_ray_lost_more_often_than_the_bound_stops_with_a_clear_error(workdir, reference):
+    cfg, _, _ = reference
+    store = workdir / "lostraylet.zarr"
+    prepare_store(load_config(cfg), store)
+
+    def kill_raylet_after_a_tile():
+        wait_for(lambda: tiles_done(store) >= 1)
+        kill_processes([q for q in psutil.Process().children(recursive=True) if q.name() == "raylet"])
+
+    threading.Thread(target=kill_raylet_after_a_tile, daemon=True).start()
+    with pytest.raises(RayFailure, match="the private Ray instance lost its raylet") as e:
+        run_tiles(store, cpus=2, progress=False, restarts=0)
+    assert "rerun the same command" in str(e.value)
+    assert tiles_done(store) >= 1 and verify_store(store)["bad"] == []
+
+
+@pytest.mark.parametrize("sig, code, message", [(signal.SIGINT, 130, "Interrupted (Ctrl-C)"),
+                                                (signal.SIGTERM, 143, "Stopped (SIGTERM)")])
+def test_ctrl_c_and_sigterm_stop_cleanly_and_the_rerun_resumes(workdir, reference, sig, code, message):
+    """Ctrl-C reaches the terminal's whole process group (Ray's processes too); SIGTERM only the driver."""
+    cfg, _, gram = reference
+    store = workdir / f"signal{code}.zarr"
+    p = start_driver(cfg, store)
+    try:
+        assert wait_for(lambda: tiles_done(store) >= 2), "no tile finished"
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        kill_group(p)
+    assert p.returncode == code, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines == [f"{message}: finished tiles are kept; rerun the same command to resume."], out
+    assert not Path(f"{store}.lock").exists()
+    done = tiles_done(store)
+    assert 2 <= done < 20 and verify_store(store)["bad"] == []
+    r = cli("compute-kernel", "--config", cfg, "--store", store, "--cpus", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"{20 - done} tiles computed, {done} already done" in r.stdout
     assert np.array_equal(open_store(store).read_gram(), gram, equal_nan=True)
 
 
@@ -191,11 +271,3 @@ def test_changed_config_or_tile_size_is_refused_and_nothing_changes(workdir, ref
     assert r.returncode != 0 and "compute.tile_size: store has 16, now 8" in r.stderr
     assert np.array_equal(open_store(ref_store).records(), before)
     assert not Path(f"{ref_store}.lock").exists()
-
-
-def test_gpus_without_a_gpu_is_a_clear_error(workdir):
-    r = cli("compute-kernel", "--config", REPO / "configs" / "smoke.toml", "--store", workdir / "gpu.zarr",
-            "--gpus", "1", "--no-progress")
-    assert r.returncode != 0
-    assert "--gpus needs cupy and a usable CUDA device" in r.stderr
-    assert "Traceback" not in r.stderr

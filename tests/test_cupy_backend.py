@@ -286,7 +286,7 @@ def _guarded(a: np.ndarray, fill) -> tuple[np.ndarray, np.ndarray]:
 
 def emulate_block(x, l, rows, cols, *, depth, gap=True, fix=False, upper=False, ucontext=False) -> np.ndarray:
     """K[rows, cols] computed by the CUDA source of cntk_fused under the CPU emulation (same host code as CupyCNTK)."""
-    x32, l32, h, w = cc.prepare_images(x, l, depth)
+    x32, l32, h, w, m = cc.prepare_images(x, l, depth)
     x2, l2 = cc.double_rows(np, x32), cc.double_rows(np, l32)
     p, q, ii, jj = cc.pair_lists(rows, cols, upper)
     ntiles, nitems = cc.plan_items(len(p), h, w, gap)
@@ -303,7 +303,7 @@ def emulate_block(x, l, rows, cols, *, depth, gap=True, fix=False, upper=False, 
     g = len(out_buf) - nitems
     assert np.isnan(out_buf[: g // 2]).all() and np.isnan(out_buf[g // 2 + nitems:]).all(), "write outside out"
     assert np.isfinite(out).all(), f"{np.isnan(out).sum()} of {nitems} items unwritten or NaN"
-    vals = cc.finish(out.reshape(len(p), ntiles).sum(axis=1), h, w, depth, gap)
+    vals = cc.finish(out.reshape(len(p), ntiles).sum(axis=1), h, w, depth, gap, m[p] * m[q])
     return cc.assemble(vals, ii, jj, (len(np.ravel(rows)), len(np.ravel(cols))), upper)
 
 
@@ -373,14 +373,15 @@ def test_host_planning():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 2, 5, 40))
     l = scale_maps(x, 4)
-    x32, l32, h, w = cc.prepare_images(x, l, 4)
-    assert (h, w) == (40, 5) and x32.shape == (3, 2, 40, 5) and l32.shape == (3, 3, 40, 5)
+    x32, l32, h, w, m = cc.prepare_images(x, l, 4)
+    assert (h, w) == (40, 5) and np.all(m == 2.0 ** np.floor(np.log2(np.abs(x).max(axis=(1, 2, 3))))) and x32.shape == (3, 2, 40, 5) and l32.shape == (3, 3, 40, 5)
     assert x32.dtype == l32.dtype == np.float32 and x32.flags.c_contiguous and l32.flags.c_contiguous
-    np.testing.assert_allclose(x32, x.swapaxes(2, 3), rtol=1e-6)
-    np.testing.assert_allclose(l32, l.swapaxes(2, 3) * cc.map_scales(4)[None, :, None, None], rtol=1e-6)
+    np.testing.assert_allclose(x32 * m[:, None, None, None], x.swapaxes(2, 3), rtol=1e-6)
+    np.testing.assert_allclose(l32 * m[:, None, None, None], l.swapaxes(2, 3) * cc.map_scales(4)[None, :, None, None],
+                               rtol=1e-6)
     x2 = cc.double_rows(np, x32)
     assert x2.shape == (3, 2, 80, 5) and np.array_equal(x2[:, :, :40], x2[:, :, 40:])
-    _, l32_more, _, _ = cc.prepare_images(x, scale_maps(x, 6), 4)  # extra layers are ignored
+    _, l32_more, _, _, _ = cc.prepare_images(x, scale_maps(x, 6), 4)  # extra layers are ignored
     np.testing.assert_array_equal(l32_more, l32)
     p, q, ii, jj = cc.pair_lists([4, 7, 9], [4, 7, 9], upper=True)
     assert list(zip(p, q)) == [(4, 4), (4, 7), (4, 9), (7, 7), (7, 9), (9, 9)]
@@ -399,7 +400,7 @@ def test_host_planning():
 
 
 def test_kernel_constants_match_numba_backend():
-    """The kernel's rho snap and tiny clamp are the numba backend's (both backends give the same function)."""
+    """The kernel's rho snap is the numba backend's (both backends give the same function)."""
     import re
 
     from mnkpipe.kernels import cntk_cpu
@@ -408,7 +409,7 @@ def test_kernel_constants_match_numba_backend():
     def define(name):
         return float(re.search(rf"#define {name} ([0-9.e+-]+)f?\s", src).group(1))
 
-    assert define("RHO_SNAP_F") == cntk_cpu.RHO_SNAP32 and np.float32(define("TINY_F")) == cntk_cpu._TINY
+    assert define("RHO_SNAP_F") == cntk_cpu.RHO_SNAP32
     assert define("BLOCK_THREADS") == cc.BLOCK_THREADS and define("RENORM") == cc.RENORM
     assert np.float32(define("INV_9PI_POW_RENORM")) == np.float32(cc.NINE_PI ** -cc.RENORM)
 
@@ -462,6 +463,21 @@ def test_emulated_kernel_is_homogeneous_and_psd():
     k3 = emulate_block(3 * x, scale_maps(3 * x, 4), range(5), range(5), depth=4, upper=True)
     np.testing.assert_allclose(k3, 9 * k1, rtol=1e-5)
     assert np.linalg.eigvalsh(k1).min() > -1e-6 * np.abs(k1).max()
+
+
+@needs_gxx
+@pytest.mark.parametrize("a,b", [(1e-15, 1e-15), (1e-30, 1e-30), (5e18, 5e18), (1e150, 1e150), (1e-30, 5e18),
+                                 (1e-200, 1e200)], ids=lambda v: f"{v:g}")
+def test_emulated_kernel_homogeneous_for_any_finite_magnitude(a, b):
+    """K(a x, b z) = a b K(x, z) for any finite a, b > 0 (issue 10, item 3), the zero patch and zero image included."""
+    rng = np.random.default_rng(8)
+    x = _images(rng, 4, 2, 6, 5, zero_patch=True)
+    s = np.array([a, a, b, b])[:, None, None, None]
+    for gap, fix in [(True, False), (False, True)]:
+        k = emulate_block(x, scale_maps(x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
+        kab = emulate_block(s * x, scale_maps(s * x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
+        assert np.isfinite(kab).all()
+        assert _rel(kab / (a * b), k) <= 1e-6, (gap, fix)
 
 
 @needs_gxx

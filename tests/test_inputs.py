@@ -101,6 +101,14 @@ def test_train_and_test_classes_must_be_disjoint(tmp_path, omniglot_root, train,
         build_experiment(cfg, str(omniglot_root))
 
 
+def test_lake_runs_refuse_a_training_split_with_evaluation_alphabets(omniglot_root):
+    cfg = load_config(SMOKE)
+    cfg.data.train_split = "evaluation"
+    cfg.tasks.protocol, cfg.tasks.way, cfg.tasks.shot, cfg.tasks.val_tasks = "lake-runs", 20, 1, 0
+    with pytest.raises(ConfigError, match=r"runs are drawn from the evaluation alphabets.*20 of them"):
+        build_experiment(cfg, str(omniglot_root))
+
+
 def test_rotated_validation_characters_never_train(omniglot_root):
     cfg = load_config(SMOKE)
     cfg.tasks.rotations = True

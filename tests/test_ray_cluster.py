@@ -76,10 +76,12 @@ def smoke_gram_is_right(store) -> None:
     assert done.any() and np.array_equal(g[done], cntk(st.images(), depth=3, backend="cpu")[done])
 
 
-def test_two_node_ray_cluster(cluster, env, tmp_path):
+def test_two_node_ray_cluster_with_a_relative_store_path(cluster, env, tmp_path):
+    """Today a relative --store reaches the workers as is, and every --address run dies with an ActorDiedError."""
     address, _ = cluster
     store = tmp_path / "cluster.zarr"
-    r = cli("compute-kernel", "--config", SMOKE, "--store", store, "--address", address, "--no-progress", env=env)
+    r = cli("compute-kernel", "--config", SMOKE, "--store", "cluster.zarr", "--address", address, "--no-progress",
+            env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     nodes = {w["node"] for w in store_status(store)["workers"].values()}
     assert len(nodes) == 2, nodes
@@ -100,3 +102,35 @@ def test_without_address_a_private_instance_even_beside_a_cluster(cluster, env, 
     nodes = {w["node"] for w in store_status(store)["workers"].values()}
     assert len(nodes) == 1 and not nodes & node_ids(temp_dir), (nodes, node_ids(temp_dir))
     smoke_gram_is_right(store)
+
+
+def test_cpus_beyond_the_cluster_are_refused_before_anything_is_built(cluster, env, tmp_path):
+    address, _ = cluster
+    r = cli("compute-kernel", "--config", SMOKE, "--store", tmp_path / "s.zarr", "--address", address, "--cpus", 3,
+            "--no-progress", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"--cpus 3 is more than the 2 CPUs of the Ray cluster at {address}" in r.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_node_that_does_not_see_the_store_is_named_in_a_clear_error(cluster, env, tmp_path):
+    """A third node in a mount namespace of its own, where the store's folder is an empty tmpfs."""
+    address, _ = cluster
+    hidden = Path(tempfile.mkdtemp(prefix="mnkhidden", dir="/tmp"))
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -m` (root or user namespaces) to give a node its own view of the filesystem")
+    node_tmp = tempfile.mkdtemp(prefix="mnkray", dir="/tmp")
+    start = (f"mount -t tmpfs none {hidden} && exec {RAY} start --address={address} --num-cpus=1 "
+             f"--disable-usage-stats --temp-dir={node_tmp} --dashboard-agent-listen-port={free_port()}")
+    try:
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", start], env=env, check=True,
+                       capture_output=True, timeout=180)
+        (node,) = node_ids(node_tmp)
+        store = hidden / "s.zarr"
+        r = cli("compute-kernel", "--config", SMOKE, "--store", store, "--address", address, "--no-progress", env=env)
+    finally:
+        kill_processes(processes_of(node_tmp))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"the worker on node {node}" in r.stderr and str(store) in r.stderr, r.stderr
+    assert "the store must be on a filesystem every node can see" in r.stderr
+    assert not Path(f"{store}.lock").exists()

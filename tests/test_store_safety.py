@@ -14,9 +14,8 @@ from click.testing import CliRunner
 
 from mnkpipe.cli import main
 from mnkpipe.pipeline.config import load_config
-from mnkpipe.pipeline.driver import prepare_store
+from mnkpipe.pipeline.driver import compute_kernel, prepare_store
 from mnkpipe.pipeline.inspect import format_status, store_status
-from mnkpipe.pipeline.local import compute_local
 from mnkpipe.store import (CREATION_MARKER, StoreError, StoreLock, StoreLockedError, add_tiled_array, open_store)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,10 +24,10 @@ SMOKE = REPO / "configs" / "smoke.toml"
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, omniglot_root):
-    """A complete smoke store (computed in this process, no Ray) and its Gram."""
-    os.environ.setdefault("MNKPIPE_DATA", str(omniglot_root))
+    """A complete smoke store (computed by the driver on a private Ray instance, no progress bar) and its Gram."""
     path = tmp_path_factory.mktemp("safety") / "smoke.zarr"
-    compute_local(SMOKE, path, data=str(omniglot_root), progress=False)
+    summary = compute_kernel(SMOKE, path, data=str(omniglot_root), cpus=2, progress=False)
+    assert summary["tiles_computed"] == 59
     return path, open_store(path).read_gram()
 
 
@@ -83,6 +82,8 @@ def test_only_a_folder_with_the_creation_marker_is_rebuilt(tmp_path, omniglot_ro
     crashed.mkdir()
     (crashed / CREATION_MARKER).write_text("")
     zarr.create_group(str(crashed)).create_array("images", data=np.zeros((2, 2)))
+    with pytest.raises(StoreError, match="creation was interrupted: rerun the compute-kernel command"):
+        open_store(crashed)
     store = prepare_store(cfg, crashed, data=str(omniglot_root))
     assert store.manifest["n_images"] == 84 and not (crashed / CREATION_MARKER).exists()
     # the same entries without the marker (a user's group that merely looks like ours) are refused, untouched
@@ -200,6 +201,14 @@ def test_reading_a_damaged_tile_names_it_and_says_how_to_repair(store, finished)
                           gram[np.ix_([0, 50, 3], [60, 2])])
 
 
+def test_status_pairs_done_is_right_without_a_progress_bar(finished):
+    s = store_status(finished[0])
+    assert s["pairs_done"] == s["pairs_total"] == 3218 and s["tiles_done"] == 59
+    prog = open_store(finished[0]).progress()
+    assert prog["pairs_done"] == prog["pairs_total"] == 3218  # was 0: counted by the disabled tqdm bar
+    assert s["rate_pairs_per_s"] == prog["rate_pairs_per_s"] > 0
+
+
 def test_status_lists_meta_kernel_groups_outside_the_store(store):
     phi = store.with_name(store.name + "-results") / "phi" / "ridge1e-5-eta-inf"
     g = zarr.create_group(str(phi))
@@ -213,7 +222,7 @@ def test_status_lists_meta_kernel_groups_outside_the_store(store):
     [m] = s["meta_kernels"]
     assert (m["array"], m["tiles_done"], m["tiles_total"]) == ("phi", 2, 6)
     assert (m["pairs_done"], m["pairs_total"]) == (36 + 32, 20 * 21 // 2)
-    assert str(phi) in format_status(s) and "2 / 6 tiles" in format_status(s)
+    assert str(phi) in format_status(s) and "  tiles      2 / 6 done" in format_status(s)
 
 
 def test_xarray_opens_the_store(finished):

@@ -12,6 +12,7 @@ from .omniglot import (
     default_data_root,
     download_omniglot,
     load_omniglot,
+    omniglot_alphabets,
     omniglot_info,
     resolve_data_root,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "default_data_root",
     "download_omniglot",
     "load_omniglot",
+    "omniglot_alphabets",
     "omniglot_info",
     "resolve_data_root",
     "fit_standardiser",

@@ -19,6 +19,7 @@ __all__ = [
     "resolve_data_root",
     "load_omniglot",
     "omniglot_info",
+    "omniglot_alphabets",
     "dataset_info",
     "default_data_root",
     "download_omniglot",
@@ -157,19 +158,29 @@ def load_omniglot(
         )
 
 
+def _split_entries(root: Path, split: str) -> tuple[Path, list[_io.ClassEntry]]:
+    """(source, class entries) of a split from its folder or zip listing, without decoding any image."""
+    kind, src, tree = _split_tree(root, split)
+    if kind == "zip":
+        with _io.open_zip(src) as zf:
+            tree = _zip_tree(zf, _split_name(split))
+    return src, _io.index_tree(tree, str(src), layout="nested")
+
+
+def omniglot_alphabets(root: str | os.PathLike | None, split: str) -> list[str]:
+    """Sorted alphabet names of an Omniglot split, read from its listing."""
+    return sorted({e.group for e in _split_entries(resolve_data_root(root), split)[1]})
+
+
 def omniglot_info(root: str | os.PathLike | None) -> list[dict]:
     """Per split present in root: {split, source, alphabets, characters, images}, counted from listings (no decoding)."""
     root = resolve_data_root(root)
     out = []
     for split in SPLITS:
         try:
-            kind, src, tree = _split_tree(root, split)
+            src, entries = _split_entries(root, split)
         except DataNotFoundError:
             continue
-        if kind == "zip":
-            with _io.open_zip(src) as zf:
-                tree = _zip_tree(zf, _split_name(split))
-        entries = _io.index_tree(tree, str(src), layout="nested")
         out.append({
             "split": split,
             "source": str(src),
@@ -181,12 +192,12 @@ def omniglot_info(root: str | os.PathLike | None) -> list[dict]:
 
 
 def dataset_info(root: str | os.PathLike | None) -> list[dict]:
-    """Per split: {split, source, groups, classes, images}. Omniglot splits when root holds any (groups =
+    """Per split: {kind, split, source, groups, classes, images}. Omniglot splits when root holds any (groups =
     alphabets, classes = characters), else the class-folder dataset's splits: the sub-folders of root, or root
     itself when its sub-folders are the class folders."""
     root = resolve_data_root(root)
-    rows = [{"split": r["split"], "source": r["source"], "groups": r["alphabets"], "classes": r["characters"],
-             "images": r["images"]} for r in omniglot_info(root)]
+    rows = [{"kind": "omniglot", "split": r["split"], "source": r["source"], "groups": r["alphabets"],
+             "classes": r["characters"], "images": r["images"]} for r in omniglot_info(root)]
     if rows:
         return rows
     tree = _io.tree_from_folder(root)
@@ -198,7 +209,7 @@ def dataset_info(root: str | os.PathLike | None) -> list[dict]:
                         "*.png, or the Omniglot zips: run `mnkpipe data download`)")
     for name, path in splits:
         entries = _io.index_tree(_io.tree_from_folder(path), str(path))
-        rows.append({"split": name, "source": str(path), "groups": len({e.group for e in entries if e.group}),
+        rows.append({"kind": "folder", "split": name, "source": str(path), "groups": len({e.group for e in entries if e.group}),
                      "classes": len(entries), "images": sum(len(e.files) for e in entries)})
     return rows
 

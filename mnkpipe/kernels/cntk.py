@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .scales import scale_maps
+from .scales import normalise, pow2_scale, scale_maps
 
 BACKENDS = ("auto", "reference", "cpu", "cupy")
 
@@ -35,23 +35,29 @@ def resolve_backend(backend: str) -> str:
 
 def cntk_block(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = False, upper: bool = False,
                backend: str = "cpu") -> np.ndarray:
-    """K[i, j] = K(x1_i, x2_j) from images and their precomputed scale maps l = scale_maps(x, depth)."""
+    """K[i, j] = K(x1_i, x2_j) from images and their precomputed scale maps l = scale_maps(x, depth).
+
+    K(x, z) = m_x m_z K(x / m_x, z / m_z) with powers of two m = pow2_scale(x): exact, and it keeps the float32
+    backends inside their range for any finite input (CupyCNTK does the same on its resident images)."""
     backend = resolve_backend(backend)
+    if backend == "cupy":
+        from .cntk_cupy import cntk_block_cupy
+        return cntk_block_cupy(x1, l1, x2, l2, depth=depth, gap=gap, fix=fix, upper=upper)
+    m1, m2 = pow2_scale(x1), pow2_scale(x2)
+    dtype = np.float64 if backend == "reference" else np.float32
+    x1, l1, x2, l2 = (normalise(a, m, dtype) for a, m in ((x1, m1), (l1, m1), (x2, m2), (l2, m2)))
     if backend == "reference":
         from .cntk_reference import cntk_pair
         k = np.empty((len(x1), len(x2)))
         for i in range(len(x1)):
             for j in range(i if upper else 0, len(x2)):
-                k[i, j] = cntk_pair(x1[i].astype(np.float64), x2[j].astype(np.float64),
-                                    l1[i].astype(np.float64), l2[j].astype(np.float64), depth=depth, gap=gap, fix=fix)
+                k[i, j] = cntk_pair(x1[i], x2[j], l1[i], l2[j], depth=depth, gap=gap, fix=fix)
                 if upper:
                     k[j, i] = k[i, j]
-        return k
-    if backend == "cpu":
+    else:
         from .cntk_cpu import cntk_block_cpu
-        return cntk_block_cpu(x1, l1, x2, l2, depth=depth, gap=gap, fix=fix, upper=upper)
-    from .cntk_cupy import cntk_block_cupy
-    return cntk_block_cupy(x1, l1, x2, l2, depth=depth, gap=gap, fix=fix, upper=upper)
+        k = cntk_block_cpu(x1, l1, x2, l2, depth=depth, gap=gap, fix=fix, upper=upper)
+    return k * np.outer(m1, m2)
 
 
 def cntk(x1, x2=None, *, depth: int, gap: bool = True, fix: bool = False, backend: str = "auto") -> np.ndarray:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .scales import normalise, pow2_scale
+
 KERNEL_PATH = Path(__file__).with_name("cntk_fused.cu")
 KERNEL_NAME = "cntk_fused"
 BLOCK_THREADS = 128  # = BLOCK_THREADS in cntk_fused.cu
@@ -78,9 +80,11 @@ def final_scale(depth: int) -> float:
 
 
 def prepare_images(x, l, depth: int):
-    """(x32, l32, h, w): float32 images (N,C,h,w) and scaled maps l(h) sqrt(kappa_h) (N,depth-1,h,w), C-contiguous.
+    """(x32, l32, h, w, m): float32 images x/m (N,C,h,w), maps l(h) sqrt(kappa_h)/m (N,depth-1,h,w), C-contiguous.
 
-    Images wider than 32 are transposed (K is invariant when both images are transposed) so that w <= 32.
+    m = pow2_scale(x), one power of two per image: K(x, z) = m_x m_z K(x/m_x, z/m_z) exactly, and the float32
+    kernel stays in range for any finite input (finish multiplies back). Images wider than 32 are transposed (K is
+    invariant when both images are transposed) so that w <= 32.
     """
     x = np.asarray(x)
     l = np.asarray(l)
@@ -91,14 +95,16 @@ def prepare_images(x, l, depth: int):
     n, _, h, w = x.shape
     if l.ndim != 4 or l.shape[0] != n or l.shape[2:] != (h, w) or l.shape[1] < depth - 1:
         raise ValueError(f"l must be (N, depth-1, H, W) = ({n}, {depth - 1}, {h}, {w}), got {l.shape}")
+    m = pow2_scale(x)
     l32 = np.empty((n, depth - 1, h, w), dtype=np.float32)
-    np.multiply(l[:, : depth - 1], map_scales(depth)[None, :, None, None], out=l32, casting="same_kind")
-    x32 = np.asarray(x, dtype=np.float32)
+    np.multiply(l[:, : depth - 1], map_scales(depth)[None, :, None, None] / m[:, None, None, None], out=l32,
+                casting="same_kind")
+    x32 = normalise(x, m, np.float32)
     if w > MAX_W:
         x32, l32, h, w = x32.swapaxes(2, 3), l32.swapaxes(2, 3), w, h
     if w > MAX_W or h > MAX_H:
         raise ValueError(f"cupy backend supports min(H, W) <= {MAX_W} and max(H, W) <= {MAX_H}, got {x.shape[2:]}")
-    return np.ascontiguousarray(x32), np.ascontiguousarray(l32), h, w
+    return np.ascontiguousarray(x32), np.ascontiguousarray(l32), h, w, m
 
 
 def double_rows(xp, a):
@@ -131,10 +137,12 @@ def pair_lists(rows, cols, upper: bool) -> tuple[np.ndarray, np.ndarray, np.ndar
     return rows[ii].astype(np.int32), cols[jj].astype(np.int32), ii, jj
 
 
-def finish(sums: np.ndarray, h: int, w: int, depth: int, gap: bool) -> np.ndarray:
-    """K = sum of T over all slabs / (HW)^2 (gap), or the D = 0 slab's sum (vanilla trace); undoes final_scale."""
+def finish(sums: np.ndarray, h: int, w: int, depth: int, gap: bool, scale) -> np.ndarray:
+    """K = m_p m_q (sum of T over all slabs / (HW)^2 (gap), or the D = 0 slab's sum (vanilla trace)) / final_scale.
+
+    scale: m_p m_q per pair (prepare_images' powers of two)."""
     sums = np.asarray(sums, dtype=np.float64) / final_scale(depth)
-    return sums / float(h * w) ** 2 if gap else sums
+    return (sums / float(h * w) ** 2 if gap else sums) * np.asarray(scale, dtype=np.float64)
 
 
 def assemble(vals: np.ndarray, ii, jj, shape, upper: bool) -> np.ndarray:
@@ -165,7 +173,7 @@ class CupyCNTK:
         """x: (N, C, H, W) images, l: (N, depth-1, H, W) scale maps l(h) = sqrt(e(h)) of scales.scale_maps."""
         cp = _require_cupy()
         self._cp = cp
-        x32, l32, self.h, self.w = prepare_images(x, l, depth)
+        x32, l32, self.h, self.w, self.m = prepare_images(x, l, depth)
         self.n, self.c = x32.shape[0], x32.shape[1]
         self.depth, self.gap, self.fix = int(depth), bool(gap), bool(fix)
         self.device = cp.cuda.Device(device if device is not None else cp.cuda.Device().id)
@@ -208,7 +216,8 @@ class CupyCNTK:
         """K(x_p[k], x_q[k]) for each listed pair, float64 on the host."""
         if len(p) == 0:
             return np.empty(0, dtype=np.float64)
-        return finish(self.pair_sums(p, q).get(), self.h, self.w, self.depth, self.gap)
+        scale = self.m[np.asarray(p, dtype=np.int64)] * self.m[np.asarray(q, dtype=np.int64)]
+        return finish(self.pair_sums(p, q).get(), self.h, self.w, self.depth, self.gap, scale)
 
     def block(self, rows, cols, *, upper: bool = False) -> np.ndarray:
         """K[i, j] = K(x_rows[i], x_cols[j]) float64; upper=True (rows == cols) computes i <= j and mirrors it."""

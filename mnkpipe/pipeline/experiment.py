@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import (EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
-                    load_omniglot, resolve_data_root, sample_episodes, standardise_and_pad)
+                    load_omniglot, omniglot_alphabets, resolve_data_root, sample_episodes, standardise_and_pad)
 from ..data.episodes import family_cut, family_permutation, sample_tasks
 from .config import ConfigError, ExperimentConfig
 
@@ -62,6 +62,8 @@ def build_experiment(cfg: ExperimentConfig, data: str | None = None) -> Experime
             raise ConfigError("[tasks] protocol = 'lake-runs' has 20-way 1-shot test tasks: set way = 20 and shot = 1")
         test_ds, test = load_lake_runs(root, image_size=cfg.data.image_size)
         ep = _lake_episodes(train_ds, test, t, val_classes, families)
+        if cfg.data.dataset == "omniglot":
+            check_lake_alphabets(cfg, root, train_ds)
     else:
         test_ds = _load_split(cfg, root, cfg.data.test_split)
         ep = sample_episodes(train_ds, test_ds, way=t.way, shot=t.shot, query=t.query, n_train_tasks=t.train_tasks,
@@ -112,6 +114,16 @@ def check_disjoint(cfg: ExperimentConfig, train_ds: ImageDataset, test_ds: Image
         if both:
             raise ConfigError(f"{what} tasks share {len(both)} classes, e.g. {both[:3]}: the split would leak; "
                               "choose splits with disjoint classes (e.g. Omniglot background and evaluation)")
+
+
+def check_lake_alphabets(cfg: ExperimentConfig, root: Path, train_ds: ImageDataset) -> None:
+    """Lake's 20 runs are drawn from the Omniglot evaluation alphabets: the training split (the train and val class
+    pool) must hold none of them; ConfigError otherwise."""
+    both = sorted(set(train_ds.groups) & set(omniglot_alphabets(root, "evaluation")))
+    if both:
+        raise ConfigError(f"[data] train_split = {cfg.data.train_split!r} with [tasks] protocol = 'lake-runs': the "
+                          f"runs are drawn from the evaluation alphabets, and training would use {len(both)} of them, "
+                          f"e.g. {both[:3]}: choose a background split")
 
 
 def _lake_episodes(train_ds: ImageDataset, test: TaskSet, t, val_classes: int, families) -> EpisodeSet:

@@ -47,19 +47,20 @@ def tiled_status(group_path, name: str | None = None) -> dict:
     return TiledArray(group_path, name, group=group).status()
 
 
-def _progress_lines(s: dict, label: str) -> list[str]:
-    lines = [f"{label:<11}{s['tiles_done']} / {s['tiles_total']} tiles, {s['pairs_done']:,} / {s['pairs_total']:,} "
-             f"pairs ({100 * s['pairs_done'] / max(1, s['pairs_total']):.1f}%)"]
+def _progress_lines(s: dict) -> list[str]:
+    lines = [f"tiles      {s['tiles_done']} / {s['tiles_total']} done",
+             f"pairs      {s['pairs_done']:,} / {s['pairs_total']:,} "
+             f"({100 * s['pairs_done'] / max(1, s['pairs_total']):.1f}%)"]
     if s["rate_pairs_per_s"]:
-        lines.append(f"{'':<11}rate {s['rate_pairs_per_s']:,.1f} pairs/s (last run)")
+        lines.append(f"rate       {s['rate_pairs_per_s']:,.1f} pairs/s (last run)")
     if s["eta_s"] is not None and s["pairs_done"] < s["pairs_total"]:
-        lines.append(f"{'':<11}ETA {s['eta_s'] / 3600:.2f} h at that rate")
+        lines.append(f"ETA        {s['eta_s'] / 3600:.2f} h at that rate")
     return lines
 
 
 def format_status(s: dict) -> str:
     lines = [f"store      {s['store']}  ({s['array']}: {s['n_images']} images, tile {s['tile_size']})"]
-    lines += _progress_lines(s, "gram")
+    lines += _progress_lines(s)
     lock = s["lock"]
     if lock:
         what = {"alive": "running", "dead": "NOT running: stale lock, the next compute-kernel takes it over",
@@ -76,7 +77,7 @@ def format_status(s: dict) -> str:
             lines.append(f"meta       {m['group']}: {m['error']}")
         else:
             lines.append(f"meta       {m['group']} ({m['array']}: {m['n']} rows, tile {m['tile_size']})")
-            lines += _progress_lines(m, "")
+            lines += ["  " + line for line in _progress_lines(m)]
     return "\n".join(lines)
 
 
@@ -93,7 +94,7 @@ def verify_store(store_path, name: str = "gram", repair: bool = False) -> dict:
             continue
         checked += 1
         if not ta.chunk_present(bi, bj):
-            bad.append({"tile": (bi, bj), "problem": "chunk file missing or of the wrong size"})
+            bad.append({"tile": (bi, bj), "problem": "unreadable chunk: file missing or of the wrong size"})
             continue
         try:
             tile = arr[store.block_range(bi, name), store.block_range(bj, name)]

@@ -1,9 +1,9 @@
 """The Zarr layout of an experiment: images, scale maps, episodes, tiled Gram, tile records, manifest, lock."""
 
-from .layout import (CREATION_MARKER, Store, create_store, describe_differences, is_being_created, open_store)
+from .layout import CREATION_MARKER, Store, create_store, describe_differences, is_being_created, open_store
 from .lock import StoreLock, StoreLockedError
 from .tiled import RECORD_FILL, StoreError, TiledArray, add_tiled_array, find_tiled_arrays, tile_crc
 
-__all__ = ["CREATION_MARKER", "RECORD_FILL", "Store", "StoreError", "StoreLock", "StoreLockedError", "TiledArray",
-           "add_tiled_array", "create_store", "describe_differences", "find_tiled_arrays", "is_being_created",
-           "open_store", "tile_crc"]
+__all__ = ["CREATION_MARKER", "RECORD_FILL", "Store", "StoreError", "StoreLock", "StoreLockedError",
+           "TiledArray", "add_tiled_array", "create_store", "describe_differences", "find_tiled_arrays",
+           "is_being_created", "open_store", "tile_crc"]

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import RECORD_FILL, StoreError, TiledArray, add_tiled_array
+from .tiled import StoreError, TiledArray, add_tiled_array
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
 IMAGE_DIMS = ("image", "channel", "y", "x")
@@ -27,6 +27,9 @@ class Store:
             raise StoreError(f"no mnkpipe store at {self.path} (no zarr.json); create one with `mnkpipe compute-kernel`")
         self.root = zarr.open_group(str(self.path), mode=mode)
         self.manifest = dict(self.root.attrs.get("manifest", {}))
+        if not self.manifest and (self.path / CREATION_MARKER).exists():
+            raise StoreError(f"{self.path} is an mnkpipe store being created, or whose creation was interrupted: "
+                             "rerun the compute-kernel command that started it")
         if not self.manifest:
             raise StoreError(f"{self.path} is a Zarr group but not an mnkpipe store (no manifest attribute); "
                              "mnkpipe does not touch it: give a new or empty --store path")

@@ -10,22 +10,31 @@ import os
 import resource
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import zarr
 
-from ..store import TiledArray, open_store
+from .. import __version__
+from ..store import Store, StoreError, TiledArray, open_store
+
+WORKER_RESTARTS = 3  # restarts of one worker process before its actor is dead and the driver restarts Ray
+
+
+class StoreNotShared(StoreError):
+    """A worker does not see the driver's store at the driver's path, or runs another mnkpipe version."""
 
 
 class CNTKSource:
-    """K(x_i, x_j) over the store's images: the CNTK of its [kernel] config, on the CPU or (cupy) a GPU."""
+    """K(x_i, x_j) over the store's images: the CNTK of its [kernel] config, on the CPU or (cupy) a GPU. Started in
+    a worker, it checks that the store there is the driver's (same manifest fingerprint) when fingerprint is given."""
 
-    def __init__(self, store_path):
-        self.store_path = str(store_path)
+    def __init__(self, store_path, fingerprint: str | None = None):
+        self.store_path, self.fingerprint = str(store_path), fingerprint
         self.store = self.engine = None
 
     def start(self, backend: str) -> None:
-        self.store = open_store(self.store_path)
+        self.store = _open_same_store(self.store_path, self.fingerprint)
         self.backend = backend
         k = self.store.manifest["config"]["kernel"]
         self.depth, self.gap, self.fix = int(k["depth"]), bool(k["gap"]), bool(k["fix"])
@@ -51,15 +60,18 @@ class CNTKSource:
 
 
 class TileComputer:
-    """A started tile source and the open target group; computes tiles of the target array `name`."""
+    """A started tile source and the open target array `name` of the Zarr group at target_path; computes tiles."""
 
     def __init__(self, source, target_path, name: str = "gram", backend: str = "cpu", threads: int | None = None):
-        self.target = TiledArray(target_path, name, group=zarr.open_group(str(target_path), mode="r+"))
         if threads:
             import numba
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         self.source = source
         self.source.start(backend)
+        if not (Path(target_path) / "zarr.json").is_file():
+            raise StoreNotShared(f"the worker on node {_node_id()} (host {socket.gethostname()}) finds no Zarr group "
+                                 f"at {target_path}: it must be on a filesystem every node can see, at the same path")
+        self.target = TiledArray(target_path, name, group=zarr.open_group(str(target_path), mode="r+"))
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, bi: int, bj: int) -> dict:
@@ -69,9 +81,23 @@ class TileComputer:
         t1 = time.perf_counter()
         crc = self.target.write_tile(bi, bj, tile)
         t2 = time.perf_counter()
-        return {"tile": (bi, bj), "name": self.target.name, "crc32": crc, "read_s": read, "compute_s": t1 - t0 - read,
-                "write_s": t2 - t1, "worker": self.worker_id, "node": _node_id(),
+        return {"tile": (bi, bj), "name": self.target.name, "crc32": crc, "read_s": read,
+                "compute_s": t1 - t0 - read, "write_s": t2 - t1, "worker": self.worker_id, "node": _node_id(),
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _open_same_store(store_path, fingerprint: str | None) -> Store:
+    """The store at store_path, checked to be the driver's (same manifest fingerprint) when fingerprint is given."""
+    where = f"the worker on node {_node_id()} (host {socket.gethostname()})"
+    shared = "the store must be on a filesystem every node can see, at the same path"
+    try:
+        store = open_store(store_path, mode="r+")
+    except (StoreError, OSError) as e:
+        raise StoreNotShared(f"{where} cannot open the store at {store_path} ({e}): {shared}") from None
+    if fingerprint is not None and store.manifest["fingerprint"] != fingerprint:
+        raise StoreNotShared(f"{where} sees another store at {store_path} (its manifest fingerprint differs from "
+                             f"the driver's): {shared}")
+    return store
 
 
 def _node_id() -> str:
@@ -85,18 +111,30 @@ def _node_id() -> str:
 
 
 def make_ray_worker():
-    """The Ray actor class: restarted when its process dies, and its unfinished tiles are retried."""
+    """The Ray actor class: restarted when its process dies (WORKER_RESTARTS times), and its unfinished tiles are
+    retried. A worker that does not see the driver's store raises StoreNotShared on every tile."""
     import ray
 
-    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    @ray.remote(max_restarts=WORKER_RESTARTS, max_task_retries=-1)
     class TileWorker:
-        def __init__(self, source, target_path, name, backend, threads):
-            self.computer = TileComputer(source, target_path, name, backend, threads)
+        def __init__(self, source, target_path, name, version, backend, threads):
+            self.computer, self.problem = None, None
+            if version != __version__:  # tiles of two kernel codes must never mix in one Gram
+                self.problem = StoreNotShared(f"the worker on node {_node_id()} (host {socket.gethostname()}) runs "
+                                              f"mnkpipe {__version__}, the driver {version}: install the same "
+                                              "version on every node")
+                return
+            try:
+                self.computer = TileComputer(source, target_path, name, backend, threads)
+            except StoreNotShared as e:  # said by its first tile: an error in __init__ would reach the driver
+                self.problem = e  # only as an ActorDiedError without its message
 
         def run(self, bi, bj):
+            if self.problem:
+                raise self.problem
             return self.computer.run(bi, bj)
 
     return TileWorker
 
 
-__all__ = ["CNTKSource", "TileComputer", "make_ray_worker"]
+__all__ = ["CNTKSource", "StoreNotShared", "TileComputer", "make_ray_worker"]
