@@ -14,8 +14,8 @@ from ..store import StoreError, StoreLock, create_store, describe_differences, o
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
 from .plan import plan_full, plan_mnk, tile_pairs
-from .ray_session import (NodeLost, RayFailure, check_counts, check_private_node, check_resources, explain, start_ray,
-                          stop_ray)
+from .ray_session import (HeldSignals, NodeLost, RayFailure, check_counts, check_private_node, check_resources,
+                          explain, start_ray, stop_ray)
 
 RESTARTS = 3  # restarts of Ray in a row, without a tile finished in between, before the driver gives up
 STORE_ENTRIES = {"zarr.json", "images", "scales", "val_images", "episodes", "gram", "gram_plan",
@@ -117,8 +117,9 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
         before = summary["tiles_computed"]
         started = start_ray(address, cpus=cpus, gpus=gpus)
         try:
-            _dispatch(store, name, deque(store.missing_tiles(name)), _make_workers(store, gpus, cpus), summary,
-                      bar, t0, total_pairs, in_flight_per_worker)
+            with HeldSignals() as held:
+                _dispatch(store, name, deque(store.missing_tiles(name)), _make_workers(store, gpus, cpus), summary,
+                          bar, t0, total_pairs, in_flight_per_worker, held)
             break
         except rx.RayTaskError as e:  # the tile code raised (the same on a retry)
             raise RayFailure(explain(e)) from None
@@ -138,8 +139,9 @@ def run_tiles(store_path, *, name: str = "gram", gpus: int = 0, cpus: int | None
     return summary
 
 
-def _dispatch(store, name, todo, workers, summary, bar, t0, total_pairs, in_flight_per_worker):
-    """Keep every worker busy with tiles from todo until all are written; record progress in the store."""
+def _dispatch(store, name, todo, workers, summary, bar, t0, total_pairs, in_flight_per_worker, held):
+    """Keep every worker busy with tiles from todo until all are written; record progress in the store; raise a
+    signal `held` (HeldSignals) between Ray calls."""
     import ray
     workers_seen = summary["workers"]
     summary["n_workers"] = len(workers)
@@ -152,6 +154,7 @@ def _dispatch(store, name, todo, workers, summary, bar, t0, total_pairs, in_flig
             bi, bj = todo.popleft()
             pending[w.run.remote(bi, bj, name)] = (w, (bi, bj))
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        held.deliver()  # Ctrl-C or SIGTERM, raised here rather than inside ray.wait
         check_private_node()  # its workers can go on for a while without their raylet: do not wait for Ray
         for ref in ready:
             w, tile = pending.pop(ref)
