@@ -4,7 +4,7 @@ by image size and depth against the arithmetic limit; peak memory.
     .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 1] [--pairs-cpu 16] [--sizes 8,12,16,28]
                                        [--threads N] [--skip-reference]
 
-Prints Markdown tables (best of --repeats calls, the same statistic for both backends) for docs/benchmarks.md,
+Prints Markdown tables (medians of --repeats calls, the same statistic for both backends) for docs/benchmarks.md,
 with the load averages before and after.
 The speed-up is of wall times (cpu backend on all numba threads vs the single-threaded reference); the
 CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
@@ -15,6 +15,7 @@ clock measured by a dependency chain, on all numba threads.
 """
 
 import argparse
+import statistics
 import os
 import resource
 import time
@@ -65,18 +66,18 @@ def time_once(fn) -> float:
 
 
 def time_it(fn, repeats: int) -> float:
-    """Best wall seconds of `repeats` calls (the least disturbed by other processes)."""
-    return min(time_once(fn) for _ in range(repeats))
+    """Median wall seconds of `repeats` calls."""
+    return statistics.median(time_once(fn) for _ in range(repeats))
 
 
 def time_both(fn, repeats: int) -> tuple[float, float]:
-    """Best wall seconds and best CPU seconds of this process (all threads) of `repeats` calls."""
+    """Median wall seconds and median CPU seconds of this process (all threads) of `repeats` calls."""
     walls, cpus = [], []
     for _ in range(repeats):
         c = time.process_time()
         walls.append(time_once(fn))
         cpus.append(time.process_time() - c)
-    return min(walls), min(cpus)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def load() -> str:
@@ -86,7 +87,7 @@ def load() -> str:
 def speedup_table(a) -> None:
     x = omniglot_images(2 + a.pairs_cpu, a.size)
     print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores, "
-          f"reference: 1 thread; best of {a.repeats} runs\n")
+          f"reference: 1 thread; medians of {a.repeats} runs\n")
     print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff | "
           "CPU-seconds ratio |")
     print("|---|---|---|---|---|---|---|---|")
@@ -135,7 +136,7 @@ def main():
     ap.add_argument("--pairs-ref", type=int, default=1, help="pairs per timed call of the reference (slow)")
     ap.add_argument("--pairs-cpu", type=int, default=16, help="pairs per timed call of the cpu backend (16 at 28x28: "
                     "one batch of 8 per thread; short calls are the least disturbed by other processes)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the best counts")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median counts")
     ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
     ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
     ap.add_argument("--skip-reference", action="store_true", help="only the cost table")
