@@ -48,9 +48,12 @@ def cli(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def start_driver(config, store) -> subprocess.Popen:
+    """The driver in a session of its own, with Ctrl-C's default handling even where this test runs in a background
+    job of a script (which ignores SIGINT, and so would its children)."""
     return subprocess.Popen([sys.executable, "-m", "mnkpipe.cli", "compute-kernel", "--config", str(config),
                              "--store", str(store), "--cpus", "2", "--no-progress"], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def kill_group(p: subprocess.Popen) -> None:

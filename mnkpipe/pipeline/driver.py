@@ -16,8 +16,8 @@ from ..store import (StoreError, StoreLock, TiledArray, create_store, describe_d
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment
 from .plan import plan_full, plan_mnk
-from .ray_session import (NodeLost, RayFailure, check_counts, check_private_node, check_resources, explain, start_ray,
-                          stop_ray)
+from .ray_session import (HeldSignals, NodeLost, RayFailure, check_counts, check_private_node, check_resources,
+                          explain, start_ray, stop_ray)
 
 RESTARTS = 3  # restarts of Ray in a row, without a tile finished in between, before the driver gives up
 
@@ -124,8 +124,9 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
         before = summary["tiles_computed"]
         started = start_ray(address, cpus=cpus, gpus=gpus)
         try:
-            _dispatch(target, deque(target.missing_tiles()), _make_workers(source, target, gpus, cpus), summary,
-                      bar, t0, total_pairs, in_flight_per_worker)
+            with HeldSignals() as held:
+                _dispatch(target, deque(target.missing_tiles()), _make_workers(source, target, gpus, cpus), summary,
+                          bar, t0, total_pairs, in_flight_per_worker, held)
             summary["seconds"] = time.time() - t0  # before Ray's shutdown: the rate status shows is this one
             break
         except rx.RayTaskError as e:  # the tile code raised (the same on a retry)
@@ -145,8 +146,9 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
     return summary
 
 
-def _dispatch(target, todo, workers, summary, bar, t0, total_pairs, in_flight_per_worker):
-    """Keep every worker busy with tiles from todo until all are written; record progress in the target array."""
+def _dispatch(target, todo, workers, summary, bar, t0, total_pairs, in_flight_per_worker, held):
+    """Keep every worker busy with tiles from todo until all are written; record progress in the target array;
+    raise a signal `held` (HeldSignals) between Ray calls."""
     import ray
     workers_seen = summary["workers"]
     summary["n_workers"] = len(workers)
@@ -159,6 +161,7 @@ def _dispatch(target, todo, workers, summary, bar, t0, total_pairs, in_flight_pe
             bi, bj = todo.popleft()
             pending[w.run.remote(bi, bj)] = (w, (bi, bj))
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        held.deliver()  # Ctrl-C or SIGTERM, raised here rather than inside ray.wait
         check_private_node()  # its workers can go on for a while without their raylet: do not wait for Ray
         for ref in ready:
             w, tile = pending.pop(ref)

@@ -25,6 +25,33 @@ class NodeLost(Exception):
     """A process of the driver's private Ray instance (its GCS, raylet, ...) has ended."""
 
 
+class HeldSignals:
+    """with HeldSignals() as held: ... held.deliver() -- SIGINT and SIGTERM are held while the driver waits inside
+    Ray and raised again by deliver(), between Ray calls, with the handlers from before: an exception raised by a
+    handler inside ray.wait comes out as a SystemError, or is lost."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def deliver(self):
+        """Raise a held signal again, now, with the handlers from before (KeyboardInterrupt for Ctrl-C)."""
+        if self.signum is not None:
+            self.__exit__()
+            signal.raise_signal(self.signum)
+
+
 def start_ray(address: str | None, *, cpus: int | None = None, gpus: int = 0) -> bool:
     """Start a private local Ray instance (address None) or join the cluster at address; False if Ray was up."""
     import ray
@@ -72,8 +99,9 @@ def check_private_node() -> None:
     from ray._private import worker
     node = worker._global_node
     dead = node.dead_processes() if node is not None and node.head else []
-    if dead:
-        raise NodeLost(f"the private Ray instance lost its {', '.join(sorted({kind for kind, _ in dead}))}")
+    lost = sorted({kind for kind, _ in dead} & {"raylet", "gcs_server"})  # the node itself, not a helper process
+    if lost:
+        raise NodeLost(f"the private Ray instance lost its {' and '.join(lost)}")
 
 
 def check_resources(address: str | None, cpus: int | None, gpus: int) -> None:
@@ -132,7 +160,7 @@ def explain(e: Exception) -> str:
         if isinstance(cause, StoreError):  # ours, already in words (a worker that does not see the store)
             return str(cause)
         return f"a worker failed: {type(cause).__name__}: {_first_line(cause)}. {RERUN}"
-    if isinstance(e, rx.NodeDiedError) or "node" in str(e).lower() and "dead" in str(e).lower():
+    if isinstance(e, rx.NodeDiedError) or ("node" in str(e).lower() and "dead" in str(e).lower()):
         return f"a Ray node died (lost its raylet, or was declared dead under load). {RERUN}"
     if isinstance(e, (rx.RayActorError, rx.WorkerCrashedError)):
         return f"Ray workers kept dying (out of memory? see `dmesg` and the Ray logs in /tmp/ray). {RERUN}"
