@@ -130,9 +130,9 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
                                          phi_tile_size, max_bytes, cpus, address, progress)
                     preds = meta_predictions(kb, tasks, phi, tests, test.support_labels, emb, settings,
                                              t_outer=t_outer)
-                    for (method, lab), predict in preds.items():
+                    for (method, lab), pred in preds.items():
                         if method in methods:
-                            score(method_key(method, lab, k), n, s, predict)
+                            score(method_key(method, lab, k), n, s, pred.__getitem__)
                 bar.update()
         bar.close()
     finally:
@@ -153,23 +153,25 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
 
 
 def meta_predictions(kb, tasks, phi, tests: dict, support_labels, emb, settings: dict, *, t_outer: float) -> dict:
-    """{(method, label mode): i -> predicted labels of test task i} for MNK F = r_t + Phi(X_t, X_train) alpha and
-    its meta term alone Phi(X_t, X_train) alpha, alpha fitted on the training tasks' targets of each label mode
+    """{(method, label mode): predicted labels of each test task} for MNK F = r_t + Phi(X_t, X_train) alpha and its
+    meta term alone Phi(X_t, X_train) alpha, alpha fitted on the training tasks' targets of each label mode
     (tests: the test TaskOps of each label mode, support_labels: the test tasks' support labels, emb: the pool's
-    embeddings or None)."""
+    embeddings or None). Phi(X_t, X_train) is computed once per test task, for every label mode, and not kept."""
     ops = task_ops_list(kb, tasks, settings)
-    phi_t, out = None, {}
-    for lab, tl in tests.items():
+    fits = {}
+    for lab in tests:
         train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb, test=False) for o, sl, ql in
                                                  zip(ops, tasks.support_labels, tasks.query_labels)]
-        fit = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
-                          normalise_phi=settings["normalise_k"])
-        if phi_t is None:  # Phi(X_t, X_train) does not depend on the labels
-            phi_t = [mnk.phi_test(kb, train_ops, t, fit) for t in tl]
-        meta = [p @ fit.alpha for p in phi_t]
-        out["mnk", lab] = lambda i, tl=tl, meta=meta, lab=lab: decode(tl[i].r_q + meta[i], tl[i], support_labels[i],
-                                                                      lab)
-        out["meta_term", lab] = lambda i, tl=tl, meta=meta, lab=lab: decode(meta[i], tl[i], support_labels[i], lab)
+        fits[lab] = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
+                                normalise_phi=settings["normalise_k"])
+    out = {(m, lab): [] for m in ("mnk", "meta_term") for lab in tests}
+    any_fit = next(iter(fits.values()))  # Phi(X_t, X_train) and its normalisation do not depend on the labels
+    for i, t in enumerate(next(iter(tests.values()))):
+        phi_t = mnk.phi_test(kb, ops, t, any_fit)
+        for lab, fit in fits.items():
+            meta, tl = phi_t @ fit.alpha, tests[lab][i]
+            out["mnk", lab].append(decode(tl.r_q + meta, tl, support_labels[i], lab))
+            out["meta_term", lab].append(decode(meta, tl, support_labels[i], lab))
     return out
 
 
