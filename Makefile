@@ -26,7 +26,11 @@ demo: install
 	$(BIN)/mnkpipe compute-kernel --config configs/smoke.toml --store $(RUNS)/smoke.zarr
 	$(BIN)/mnkpipe status $(RUNS)/smoke.zarr
 	$(BIN)/mnkpipe verify $(RUNS)/smoke.zarr
-	$(BIN)/mnkpipe evaluate --store $(RUNS)/smoke.zarr --train-tasks 1,2,4 --seeds 2 --no-progress
+	$(BIN)/mnkpipe evaluate --store $(RUNS)/smoke.zarr --config configs/omniglot-5w1s-cpu.toml \
+		--labels onehot,embedding --train-tasks 1,2,4 --seeds 2 --no-progress
+	$(BIN)/mnkpipe baselines --store $(RUNS)/smoke.zarr --config configs/omniglot-5w1s-cpu.toml \
+		--train-tasks 1,2,4 --meta-steps 10 --no-progress
+	$(BIN)/mnkpipe report --store $(RUNS)/smoke.zarr
 
 bench: install
 	$(BIN)/python bench/cntk_cpu.py

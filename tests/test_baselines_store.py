@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from mnkpipe.cli import main
 from mnkpipe.evaluation.baselines_run import baseline_settings, run_baselines
 from mnkpipe.pipeline.local import compute_local
+from mnkpipe.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = (REPO / "configs" / "smoke.toml").read_text()
@@ -45,16 +46,16 @@ def test_rebuilt_store_never_reuses_checkpoints_or_merges_results(tmp_path, omni
     build(store, omniglot_root, seed=0)
     a = run(store, out, seeds=2)
     m = a["methods"]["maml"]
-    assert np.asarray(m["per_seed"]).shape == (2, 2)  # [count][seed]
-    assert np.allclose(np.mean(m["per_seed"], axis=1), m["mean"])
-    assert m["seeds"] == [0, 1] and m["device"] == "cpu" and m["settings"]["filters"] == 4
-    assert m["store_fingerprint"] == a["store_fingerprint"]
+    assert np.asarray(m["per_seed"]).shape[:2] == (2, 2)  # [count][seed][test task]
+    assert np.allclose(np.mean(m["per_seed"], axis=(1, 2)), m["mean"])
+    assert m["seeds"] == 2 and m["hyperparameters"]["device"] == "cpu" and m["hyperparameters"]["filters"] == 4
+    assert a["fingerprint"] == open_store(store).manifest["fingerprint"]
     dirs_a = sorted(p.name for p in (out / "checkpoints").iterdir())
     results_a = (out / "results.json").read_bytes()
 
     shutil.rmtree(store)
     build(store, omniglot_root, seed=1)  # same path, other tasks
-    with pytest.raises(ValueError, match="another store"):
+    with pytest.raises(ValueError, match="refusing to merge"):
         run(store, out)
     assert (out / "results.json").read_bytes() == results_a  # nothing merged
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == dirs_a  # nothing written
@@ -65,7 +66,7 @@ def test_rebuilt_store_never_reuses_checkpoints_or_merges_results(tmp_path, omni
     assert set(dirs_a) < set(dirs_b) and len(dirs_b) == 2 * len(dirs_a) - 2  # seed 0's two new folders
     fresh = run(store, tmp_path / "fresh")
     assert b["methods"]["maml"]["per_task"] == fresh["methods"]["maml"]["per_task"]
-    assert b["store_fingerprint"] != a["store_fingerprint"]
+    assert b["fingerprint"] != a["fingerprint"]
 
     # a checkpoint of store A put where store B's belongs is refused on load
     new = sorted(set(dirs_b) - set(dirs_a))
@@ -124,4 +125,5 @@ def test_readme_command_fits_the_smoke_images(smoke_store, tmp_path):
                                   "--out", str(out)])
     assert r.exit_code == 0, r.output
     saved = json.loads((out / "results.json").read_text())["methods"]["maml"]
-    assert saved["settings"]["blocks"] == 4 and saved["device"] == "cpu" and len(saved["per_seed"][0]) == 1
+    assert saved["hyperparameters"]["blocks"] == 4 and saved["hyperparameters"]["device"] == "cpu"
+    assert len(saved["per_seed"][0]) == 1

@@ -319,18 +319,3 @@ def test_reference_config_and_embedding_table(tmp_path):
         embedding_settings(bad)
 
 
-def test_report_completes_records_written_without_method_record(evaluated, tmp_path):
-    """A baselines record keyed by `store_fingerprint`, with a list of seeds and no characters (the baselines
-    runner's format before method_record): merged for the same store, rendered with the shared subsets' sizes."""
-    from mnkpipe.evaluation.report import render, write_results
-    out = tmp_path / "res"
-    shutil.copytree(evaluated[0], out)
-    saved = json.loads((out / "results.json").read_text())
-    old = {k: v for k, v in saved["methods"]["pixel_1nn"].items() if k not in ("n_train_characters", "n_train_images")}
-    write_results({"store": saved["store"], "store_fingerprint": saved["fingerprint"],
-                   "methods": {"maml": dict(old, seeds=[0, 1])}}, out)
-    render(out, x="characters")
-    assert "| MAML (2nd order) | 2 |" in (out / "results.md").read_text()
-    assert "maml,4,12,48,2," in (out / "results.csv").read_text()
-    merged = json.loads((out / "results.json").read_text())
-    assert merged["config"] == saved["config"] and merged["git_commit"] == saved["git_commit"]  # header kept

@@ -10,7 +10,6 @@ import json
 import time
 import tomllib
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +18,7 @@ from ..pipeline.config import ConfigError, _section
 from ..store import open_store
 from .protocol import check_counts, default_counts, subset_size, train_subsets
 from .report import write_results
-from .results import method_record, results_dir
+from .results import merged, method_record, results_dir, results_header
 
 METHODS = ("maml", "imaml")
 
@@ -50,24 +49,6 @@ def checkpoint_key(fingerprint: str, way: int, settings: BaselineSettings) -> st
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_results_belong(out_dir: Path, fingerprint: str) -> None:
-    """Refuse a results folder whose results.json was written for a store with another fingerprint."""
-    path = out_dir / "results.json"
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); move it away or choose another --out") from None
-    seen = {old.get("store_fingerprint")} | {m.get("store_fingerprint") for m in old.get("methods", {}).values()
-                                             if isinstance(m, dict)}
-    other = seen - {None, fingerprint}
-    if other:
-        raise ValueError(f"{path} holds results of another store (fingerprint {sorted(other)[0][:12]}..., this "
-                         f"store's is {fingerprint[:12]}...): the store was rebuilt; choose another --out or move "
-                         "the old results away")
-
-
 def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int = 1, settings=None, out=None,
                   progress: bool = True, device: str = "auto") -> dict:
     """For each method, count n and seed: meta-train on the seed's first n training tasks, select on val, test."""
@@ -86,14 +67,13 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
     counts = check_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
     out_dir = results_dir(store.path, out)
-    check_results_belong(out_dir, fingerprint)
+    results = results_header(store)
+    merged(out_dir / "results.json", results)  # refuses another store's results before any training
     val_images = store.array("val_images")[...]
     images = np.concatenate([store.images(), val_images])  # validation tasks index val_images: stack them after
     val = ep.val.remap(np.arange(len(val_images)) + store.n)  # the pool and shift their indices
     ckpt_root = out_dir / "checkpoints"
     key = checkpoint_key(fingerprint, ep.way, settings)
-    results = {"store": str(store.path), "store_fingerprint": fingerprint, "n_test_tasks": ep.test.n_tasks,
-               "way": ep.way, "shot": ep.shot, "methods": {}}
     for method in methods:
         per = {n: np.zeros((seeds, ep.test.n_tasks)) for n in counts}
         info = {}
@@ -110,15 +90,10 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
                 bn = r["bn_mode"]
         sizes = {n: [subset_size(ep.train, train_subsets(ep.train.n_tasks, [n], s)[n]) for s in range(seeds)]
                  for n in counts}
-        summary = method_record(counts, per, sizes, asdict(settings))
-        summary["per_seed"] = [per[n].mean(1).tolist() for n in counts]  # [count][seed]: mean test accuracy
-        summary["seeds"] = list(range(seeds))
-        summary["settings"] = asdict(settings)
-        summary["device"] = device
-        summary["store_fingerprint"] = fingerprint
-        summary["note"] = (f"{bn} Checkpoint chosen on {ep.val.n_tasks} validation tasks from training-split classes "
-                           f"unused by the training tasks; {settings.meta_steps} meta-steps; {seeds} seed(s); "
-                           f"device {device}; {time.time() - t0:.0f} s in all.")
+        note = (f"{bn} Checkpoint chosen on {ep.val.n_tasks} validation tasks from training-split classes unused "
+                f"by the training tasks; {settings.meta_steps} meta-steps; {seeds} seed(s); device {device}; "
+                f"{time.time() - t0:.0f} s in all.")
+        summary = method_record(counts, per, sizes, dict(asdict(settings), device=device), note=note)
         summary["runs"] = info
         results["methods"][method] = summary
         write_results(results, out_dir)

@@ -2,6 +2,7 @@
 the number of training tasks or characters."""
 
 import csv
+import fcntl
 import json
 from pathlib import Path
 
@@ -17,39 +18,19 @@ def write_results(results: dict, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = merged(path, results)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
-    render(out)
+    with open(out / "results.json.lock", "w") as lock:  # evaluate and baselines may finish at the same moment
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = merged(path, results)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(path)
+        render(out)
     return path
 
 
 def _methods(results: dict):
     rank = {m: i for i, m in enumerate(ORDER)}
     return sorted(results["methods"], key=lambda k: (rank.get(k.split("/")[0], len(ORDER)), k))
-
-
-def completed(results: dict) -> dict:
-    """Records written without method_record (the baselines runner before it used it) get their seed count, and
-    their training characters and images from a record that has them: every method uses the same nested subsets
-    (protocol.train_subsets), so these depend on the count only."""
-    sizes = {}
-    for r in results["methods"].values():
-        if "n_train_characters" in r:
-            sizes.update({n: (c, i) for n, c, i in zip(r["n_train_tasks"], r["n_train_characters"],
-                                                       r["n_train_images"])})
-    for k, r in results["methods"].items():
-        if isinstance(r.get("seeds"), list):
-            r["seeds"] = len(r["seeds"])
-        if "n_train_characters" not in r:
-            missing = [n for n in r["n_train_tasks"] if n not in sizes]
-            if missing:
-                raise ValueError(f"results.json: {k} has no training characters for {missing} tasks and no other "
-                                 "method has them: run `mnkpipe evaluate` into the same folder")
-            r["n_train_characters"] = [sizes[n][0] for n in r["n_train_tasks"]]
-            r["n_train_images"] = [sizes[n][1] for n in r["n_train_tasks"]]
-    return results
 
 
 def render(out_dir, x: str = "tasks") -> dict:
@@ -60,7 +41,7 @@ def render(out_dir, x: str = "tasks") -> dict:
     path = out / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"no results.json in {out}: run `mnkpipe evaluate` (and `mnkpipe baselines`) first")
-    results = completed(json.loads(path.read_text()))
+    results = json.loads(path.read_text())
     methods = _methods(results)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -102,18 +102,12 @@ def _git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def fingerprint_of(results: dict) -> str | None:
-    """The store fingerprint a results.json belongs to (`store_fingerprint` in files of the baselines runner that
-    predates results_header)."""
-    return results.get("fingerprint") or results.get("store_fingerprint")
-
-
 def check_same_store(path: Path, old: dict, new: dict) -> None:
     """Refuse to merge results of two different stores (fingerprints), naming both."""
-    if fingerprint_of(old) != fingerprint_of(new):
+    if old.get("fingerprint") != new.get("fingerprint"):
         raise ValueError(f"{path} holds results of store {old.get('store')} (fingerprint "
-                         f"{str(fingerprint_of(old))[:12]}), not of {new.get('store')} (fingerprint "
-                         f"{str(fingerprint_of(new))[:12]}); refusing to merge them: use another --out")
+                         f"{str(old.get('fingerprint'))[:12]}), not of {new.get('store')} (fingerprint "
+                         f"{str(new.get('fingerprint'))[:12]}); refusing to merge them: use another --out")
 
 
 def merged(path: Path, results: dict) -> dict:
