@@ -92,7 +92,7 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
                  for n in counts}
         note = (f"{bn} Checkpoint chosen on {ep.val.n_tasks} validation tasks from training-split classes unused "
                 f"by the training tasks; {settings.meta_steps} meta-steps; {seeds} seed(s); device {device}; "
-                f"{time.time() - t0:.0f} s in all.")
+                f"{time.time() - t0:.0f} s in this call (finished checkpoints are reused, not retrained).")
         summary = method_record(counts, per, sizes, dict(asdict(settings), device=device), note=note)
         summary["runs"] = info
         results["methods"][method] = summary
