@@ -3,6 +3,7 @@ store, task augmentation, and clear errors for bad input."""
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -230,6 +231,19 @@ def test_cli_bad_input_names_the_option_and_writes_nothing(smoke_store, tmp_path
     assert r.exit_code != 0 and option in r.output, r.output
     assert "Traceback" not in r.output and not isinstance(r.exception, (AttributeError, TypeError, KeyError))
     assert not out.exists()
+
+
+def test_evaluate_on_a_damaged_tile_names_it_and_says_how_to_repair(smoke_store, tmp_path):
+    """A chunk overwritten with garbage of the same size passes status's presence check; reading it fails its CRC."""
+    damaged = writable_copy(smoke_store, tmp_path / "damaged.zarr")
+    for chunk in (damaged / "gram" / "c").glob("*/*"):
+        chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))
+    out = tmp_path / "res"
+    r = CliRunner().invoke(main, ["evaluate", "--store", str(damaged), "--out", str(out), "--methods", "r_t,mnk",
+                                  "--no-progress"])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert re.search(r"gram tile \(\d+, \d+\) of .* is missing or damaged", r.output), r.output
+    assert "mnkpipe verify --repair" in r.output
 
 
 def test_store_errors(smoke_store, tmp_path):

@@ -28,7 +28,7 @@ def finished(tmp_path_factory, omniglot_root):
     path = tmp_path_factory.mktemp("safety") / "smoke.zarr"
     summary = compute_kernel(SMOKE, path, data=str(omniglot_root), cpus=2, progress=False)
     assert summary["tiles_computed"] == 59
-    return path, open_store(path).read_gram()
+    return path, open_store(path).read_gram(), summary
 
 
 @pytest.fixture
@@ -207,6 +207,8 @@ def test_status_pairs_done_is_right_without_a_progress_bar(finished):
     prog = open_store(finished[0]).progress()
     assert prog["pairs_done"] == prog["pairs_total"] == 3218  # was 0: counted by the disabled tqdm bar
     assert s["rate_pairs_per_s"] == prog["rate_pairs_per_s"] > 0
+    summary = finished[2]  # compute-kernel prints pairs_computed / seconds: the same rate
+    assert summary["pairs_computed"] / summary["seconds"] == pytest.approx(s["rate_pairs_per_s"], rel=1e-12)
 
 
 def test_status_lists_meta_kernel_groups_outside_the_store(store):
@@ -227,7 +229,7 @@ def test_status_lists_meta_kernel_groups_outside_the_store(store):
 
 def test_xarray_opens_the_store(finished):
     xr = pytest.importorskip("xarray")
-    path, gram = finished
+    path, gram, _ = finished
     ds = xr.open_zarr(path, consolidated=False)
     assert ds["images"].dims == ("image", "channel", "y", "x") and ds["scales"].dims[0] == "image"
     assert ds.sizes["image"] == 84 and ds["gram"].dims == ("gram_i", "gram_j")

@@ -127,7 +127,6 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
             with HeldSignals() as held:
                 _dispatch(target, deque(target.missing_tiles()), _make_workers(source, target, gpus, cpus), summary,
                           bar, t0, total_pairs, in_flight_per_worker, held)
-            summary["seconds"] = time.time() - t0  # before Ray's shutdown: the rate status shows is this one
             break
         except rx.RayTaskError as e:  # the tile code raised (the same on a retry)
             raise RayFailure(explain(e)) from None
@@ -180,7 +179,7 @@ def _dispatch(target, todo, workers, summary, bar, t0, total_pairs, in_flight_pe
             bar.update(pairs)
         if time.time() - last_save > 2 or not (todo or pending):
             last_save = time.time()
-            elapsed = last_save - t0
+            summary["seconds"] = last_save - t0  # the last save's: status shows the rate compute-kernel prints
             target.array.attrs["progress"] = {
                 "pairs_total": total_pairs, "pairs_done": summary["pairs_done"], "updated": last_save,
-                "rate_pairs_per_s": summary["pairs_computed"] / max(elapsed, 1e-9), "workers": workers_seen}
+                "rate_pairs_per_s": summary["pairs_computed"] / max(summary["seconds"], 1e-9), "workers": workers_seen}
