@@ -8,13 +8,12 @@ store with another fingerprint (a store rebuilt at the same path with another se
 import hashlib
 import json
 import time
-import tomllib
 from dataclasses import asdict
 
 import numpy as np
 
 from ..baselines.train import BaselineSettings, resolve_device, run_baseline
-from ..pipeline.config import ConfigError, _section
+from ..pipeline.config import _section, read_table
 from ..store import open_store
 from .protocol import check_counts, default_counts, subset_size, train_subsets
 from .report import write_results
@@ -25,18 +24,7 @@ METHODS = ("maml", "imaml")
 
 def baseline_settings(config_path=None, **overrides) -> BaselineSettings:
     """[baselines] table of a TOML file (optional, types checked) plus keyword overrides; ranges validated."""
-    table, where = {}, "[baselines]"
-    if config_path:
-        where = f"{config_path} [baselines]"
-        try:
-            with open(config_path, "rb") as f:
-                table = tomllib.load(f).get("baselines", {})
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {config_path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{config_path}: not valid TOML: {e}") from None
-        if not isinstance(table, dict):
-            raise ConfigError(f"{config_path}: [baselines] must be a table")
+    table, where = read_table(config_path, "baselines")
     s = _section(BaselineSettings, {**table, **{k: v for k, v in overrides.items() if v is not None}}, where)
     s.validate(where)
     return s

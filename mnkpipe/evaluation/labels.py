@@ -3,7 +3,6 @@ images of the training tasks only; their regression targets and how predictions 
 
 import hashlib
 import json
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from ..data import TaskSet
 from ..kernels import mnk
-from ..pipeline.config import ConfigError, _section
+from ..pipeline.config import _section, read_table
 
 LABEL_MODES = ("onehot", "embedding")
 
@@ -20,18 +19,7 @@ def embedding_settings(config_path=None):
     """EmbeddingSettings from the [embedding] table of a TOML file (reference values where absent), types and ranges
     checked; errors name the file and the key."""
     from ..baselines.extractor import EmbeddingSettings
-    table, where = {}, "[embedding]"
-    if config_path:
-        where = f"{config_path} [embedding]"
-        try:
-            with open(config_path, "rb") as f:
-                table = tomllib.load(f).get("embedding", {})
-        except FileNotFoundError:
-            raise ConfigError(f"--config: file not found: {config_path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{config_path}: not valid TOML: {e}") from None
-        if not isinstance(table, dict):
-            raise ConfigError(f"{config_path}: [embedding] must be a table")
+    table, where = read_table(config_path, "embedding")
     s = _section(EmbeddingSettings, table, where)
     s.validate(where)
     return s

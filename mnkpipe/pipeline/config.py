@@ -123,6 +123,22 @@ def _section(factory, table: dict, where: str):
     return obj
 
 
+def read_table(config_path, name: str) -> tuple[dict, str]:
+    """The [name] table of a TOML file ({} without a file or without the table) and where it came from, for errors."""
+    if not config_path:
+        return {}, f"[{name}]"
+    try:
+        with open(config_path, "rb") as f:
+            table = tomllib.load(f).get(name, {})
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{config_path}: not valid TOML: {e}") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{config_path}: [{name}] must be a table")
+    return table, f"{config_path} [{name}]"
+
+
 def load_config(path) -> ExperimentConfig:
     """Read and validate an experiment TOML file."""
     path = Path(path)
