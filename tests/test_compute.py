@@ -30,9 +30,10 @@ ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
 
 
 def fault_config(tmp: Path, **changes) -> Path:
-    """The smoke experiment with tiles slow enough (~0.5 s) to be killed in the middle."""
+    """The smoke experiment with tiles slow enough (~0.5 s at depth 24 with the lane-batched kernel) to be killed
+    in the middle."""
     text = (REPO / "configs" / "smoke.toml").read_text()
-    subs = {"image_size = 10": "image_size = 14", "pad = 12": "pad = 16", "depth = 3": "depth = 6",
+    subs = {"image_size = 10": "image_size = 14", "pad = 12": "pad = 16", "depth = 3": "depth = 24",
             "tile_size = 8": "tile_size = 16"}
     subs.update(changes)
     for a, b in subs.items():
@@ -269,7 +270,7 @@ def test_changed_config_or_tile_size_is_refused_and_nothing_changes(workdir, ref
     before = open_store(ref_store).records().copy()
     other = fault_config(workdir, **{"depth = 3": "depth = 5"})
     r = cli("compute-kernel", "--config", other, "--store", ref_store, "--no-progress")
-    assert r.returncode != 0 and "kernel.depth: store has 6, now 5" in r.stderr
+    assert r.returncode != 0 and "kernel.depth: store has 24, now 5" in r.stderr
     r = cli("compute-kernel", "--config", reference[0], "--store", ref_store, "--tile-size", "8", "--no-progress")
     assert r.returncode != 0 and "compute.tile_size: store has 16, now 8" in r.stderr
     assert np.array_equal(open_store(ref_store).records(), before)
