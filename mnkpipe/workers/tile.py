@@ -91,7 +91,7 @@ def _open_same_store(store_path, fingerprint: str | None) -> Store:
     where = f"the worker on node {_node_id()} (host {socket.gethostname()})"
     shared = "the store must be on a filesystem every node can see, at the same path"
     try:
-        store = open_store(store_path, mode="r+")
+        store = open_store(store_path, mode="r")  # a tile source only reads; the target array is opened for writing
     except (StoreError, OSError) as e:
         raise StoreNotShared(f"{where} cannot open the store at {store_path} ({e}): {shared}") from None
     if fingerprint is not None and store.manifest["fingerprint"] != fingerprint:
