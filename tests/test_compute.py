@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import ray
-from conftest import kill_processes, kill_ray_tree, ray_processes
+from conftest import kill_processes, kill_ray_tree
 
 from mnkpipe.kernels import cntk
 from mnkpipe.pipeline.config import load_config
@@ -25,7 +24,6 @@ from mnkpipe.pipeline.ray_session import RayFailure
 from mnkpipe.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
-RAYLET = str(Path(ray.__file__).parent / "core" / "src" / "ray" / "raylet" / "raylet")
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
 
 
@@ -64,16 +62,17 @@ def kill_group(p: subprocess.Popen) -> None:
     p.wait(timeout=30)
 
 
-def own_processes(p: subprocess.Popen, prefix: str) -> list:
-    """The processes of driver p's own Ray instance whose command line starts with prefix."""
-    found = []
-    for q in ray_processes([psutil.Process(p.pid)]):
-        try:
-            if " ".join(q.cmdline()).startswith(prefix):
-                found.append(q)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return found
+def worker_pids(store) -> list[int]:
+    """Pids of the tile workers the driver recorded in the store's progress ("host:pid" each): this test's own."""
+    try:
+        return [int(w.rsplit(":", 1)[1]) for w in open_store(store).progress().get("workers", {})]
+    except Exception:  # noqa: BLE001 - the store or its progress may not exist yet
+        return []
+
+
+def raylet_of(worker_pid: int) -> psutil.Process:
+    """The raylet that started a worker: Ray records its pid in the worker's RAY_RAYLET_PID."""
+    return psutil.Process(int(psutil.Process(worker_pid).environ()["RAY_RAYLET_PID"]))
 
 
 def tiles_done(store) -> int:
@@ -137,11 +136,10 @@ def test_worker_killed_mid_tile_job_finishes_identical(workdir, reference):
     store = workdir / "killworker.zarr"
     p = start_driver(cfg, store)
     try:
-        assert wait_for(lambda: tiles_done(store) >= 1), "no tile finished"
-        busy = lambda: own_processes(p, "ray::TileWorker.run")  # noqa: E731
-        assert wait_for(lambda: busy()), "no worker busy with a tile"
-        victim = busy()[0]
-        victim.kill()  # SIGKILL in the middle of a tile
+        assert wait_for(lambda: worker_pids(store)), "no worker recorded"
+        victim = psutil.Process(worker_pids(store)[0])
+        assert tiles_done(store) < 20, "the job ended before a worker could be killed in it"
+        victim.kill()  # SIGKILL; with two tiles in flight per worker, in the middle of one
         victim.wait(10)
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out
@@ -178,10 +176,8 @@ def test_raylet_sigkilled_mid_job_driver_restarts_ray_and_finishes_identical(wor
     store = workdir / "killraylet.zarr"
     p = start_driver(cfg, store)
     try:
-        assert wait_for(lambda: tiles_done(store) >= 2), "no tile finished"
-        raylet = own_processes(p, RAYLET)
-        assert len(raylet) == 1, raylet
-        raylet[0].kill()
+        assert wait_for(lambda: tiles_done(store) >= 2 and worker_pids(store)), "no tile finished"
+        raylet_of(worker_pids(store)[0]).kill()
         out, _ = p.communicate(timeout=400)
         assert p.returncode == 0, out
     finally:
@@ -197,8 +193,8 @@ def test_ray_lost_more_often_than_the_bound_stops_with_a_clear_error(workdir, re
     prepare_store(load_config(cfg), store)
 
     def kill_raylet_after_a_tile():
-        wait_for(lambda: tiles_done(store) >= 1)
-        kill_processes([q for q in psutil.Process().children(recursive=True) if q.name() == "raylet"])
+        wait_for(lambda: tiles_done(store) >= 1 and worker_pids(store))
+        kill_processes([raylet_of(worker_pids(store)[0])])
 
     threading.Thread(target=kill_raylet_after_a_tile, daemon=True).start()
     with pytest.raises(RayFailure, match="the private Ray instance lost its raylet") as e:
