@@ -42,20 +42,16 @@ def free_port() -> int:
 
 def ray_processes(roots) -> list:
     """roots and their descendants (for a driver: its private GCS, raylet and the raylet's workers), and every
-    process whose RAY_RAYLET_PID names one of their raylets."""
+    process whose RAY_RAYLET_PID names one of them (the workers a raylet of theirs started)."""
     procs = {p.pid: p for r in roots for p in [r, *_children(r)]}
-    for p in workers_of(raylet_pids(procs.values())):
+    for p in workers_of(procs):
         procs.setdefault(p.pid, p)
     return list(procs.values())
 
 
-def raylet_pids(procs) -> set[int]:
-    return {p.pid for p in procs if _is_raylet(p)}
-
-
-def workers_of(raylets) -> list:
-    """The processes a raylet started (workers, agents): they carry its pid in RAY_RAYLET_PID."""
-    wanted, found = {str(pid) for pid in raylets}, []
+def workers_of(pids) -> list:
+    """The processes a raylet among pids started (workers, agents): they carry its pid in RAY_RAYLET_PID."""
+    wanted, found = {str(pid) for pid in pids}, []
     for p in psutil.process_iter():
         try:
             if p.environ().get("RAY_RAYLET_PID") in wanted:
@@ -82,9 +78,8 @@ def kill_ray_tree(pid: int) -> None:
         procs = ray_processes([psutil.Process(pid)])
     except psutil.NoSuchProcess:
         return
-    raylets = raylet_pids(procs)
     kill_processes(procs)
-    kill_processes(workers_of(raylets))
+    kill_processes(workers_of([p.pid for p in procs]))
 
 
 def _children(p) -> list:
@@ -92,10 +87,3 @@ def _children(p) -> list:
         return p.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def _is_raylet(p) -> bool:
-    try:
-        return os.path.basename((p.cmdline() or [""])[0]) == "raylet"
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
