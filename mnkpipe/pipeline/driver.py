@@ -26,7 +26,7 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None)
     """Create the store for cfg, or check that an existing one was made from the same config and data."""
     store_path = Path(store_path)
     exp = build_experiment(cfg, data)
-    if _interrupted_creation(store_path):
+    if is_being_created(store_path):  # its creation was killed: the marker is still there, no manifest yet
         shutil.rmtree(store_path)
     if store_path.exists() and not store_path.is_dir():
         raise StoreError(f"{store_path} is a file, not an mnkpipe store; refusing to touch it")
@@ -51,11 +51,6 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None)
         plan = plan_mnk(n, t, exp.n_train_images, [list(s) + list(q) for s, q in zip(test.support, test.query)])
     return create_store(store_path, exp, config=cfg.to_dict(), depth=cfg.kernel.depth, tile_size=t, plan=plan,
                         dtype=cfg.compute.dtype)
-
-
-def _interrupted_creation(store_path: Path) -> bool:
-    """A store whose creation was killed: it still carries the creation marker and has no manifest yet."""
-    return is_being_created(store_path)
 
 
 def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0, cpus: int | None = None,
@@ -180,6 +175,6 @@ def _dispatch(target, todo, workers, summary, bar, t0, total_pairs, in_flight_pe
         if time.time() - last_save > 2 or not (todo or pending):
             last_save = time.time()
             summary["seconds"] = last_save - t0  # the last save's: status shows the rate compute-kernel prints
-            target.array.attrs["progress"] = {
+            target.set_progress({
                 "pairs_total": total_pairs, "pairs_done": summary["pairs_done"], "updated": last_save,
-                "rate_pairs_per_s": summary["pairs_computed"] / max(summary["seconds"], 1e-9), "workers": workers_seen}
+                "rate_pairs_per_s": summary["pairs_computed"] / max(summary["seconds"], 1e-9), "workers": workers_seen})

@@ -97,7 +97,7 @@ def verify_store(store_path, name: str = "gram", repair: bool = False) -> dict:
             bad.append({"tile": (bi, bj), "problem": "unreadable chunk: file missing or of the wrong size"})
             continue
         try:
-            tile = arr[store.block_range(bi, name), store.block_range(bj, name)]
+            tile = arr[ta.block_range(bi), ta.block_range(bj)]
         except Exception as e:  # noqa: BLE001 - any unreadable chunk is a bad tile
             bad.append({"tile": (bi, bj), "problem": f"unreadable chunk: {type(e).__name__}: {e}"})
             continue

@@ -8,7 +8,6 @@ from ..store import StoreLock
 from ..workers.tile import CNTKSource, TileComputer
 from .config import load_config
 from .driver import prepare_store
-from .plan import tile_pairs
 
 
 def compute_local(config, store_path, *, backend: str = "cpu", data: str | None = None, progress: bool = True) -> dict:
@@ -22,7 +21,7 @@ def compute_local(config, store_path, *, backend: str = "cpu", data: str | None 
         pairs = compute = 0.0
         for bi, bj in tqdm(todo, desc=f"tiles ({backend})", disable=not progress):
             status = worker.run(bi, bj)
-            pairs += tile_pairs(store, bi, bj)
+            pairs += worker.target.tile_pairs(bi, bj)
             compute += status["compute_s"]
         seconds = time.perf_counter() - t0
     return {"tiles": len(todo), "pairs": int(pairs), "seconds": seconds, "compute_s": compute,

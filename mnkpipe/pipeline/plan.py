@@ -24,9 +24,3 @@ def plan_mnk(n: int, tile_size: int, n_train: int, test_tasks: list[np.ndarray])
         need[np.ix_(b, b)] = True
     return np.triu(need | need.T)
 
-
-def tile_pairs(store, bi: int, bj: int, name: str = "gram") -> int:
-    """Kernel entries a tile computes: a full block off the diagonal, the upper triangle on it."""
-    r = store.block_range(bi, name).stop - store.block_range(bi, name).start
-    c = store.block_range(bj, name).stop - store.block_range(bj, name).start
-    return r * (r + 1) // 2 if bi == bj else r * c

@@ -52,11 +52,6 @@ class Store:
         return TiledArray(self.path, name, group=self.root,
                           repair_hint=f"run `mnkpipe verify --repair {self.path}`" if name == "gram" else "")
 
-    def block_range(self, b: int, name: str = "gram") -> slice:
-        """Rows (or columns) of block b of the tiled array `name`."""
-        n = self.n if name == "gram" else int(self.root[name].shape[0])
-        return slice(b * self.tile_size, min((b + 1) * self.tile_size, n))
-
     def array(self, name: str):
         return self.root[name]
 
@@ -124,20 +119,12 @@ class Store:
                     out[np.ix_(ri, ci)] = tile[np.ix_(cols[ci] - bj * t, rows[ri] - bi * t)].T
         return out
 
-    # -- writing (workers) -------------------------------------------------------------------------------------
-    def write_tile(self, bi: int, bj: int, tile: np.ndarray, name: str = "gram") -> int:
-        """Write one whole aligned chunk, make it durable (fsync), then set its record; returns the CRC32."""
-        return self.tiled(name).write_tile(bi, bj, tile)
-
+    # -- writing (workers write tiles through tiled(name).write_tile) ------------------------------------------
     def clear_record(self, bi: int, bj: int, name: str = "gram") -> None:
         self.tiled(name).clear_record(bi, bj)
 
-    def set_progress(self, info: dict, name: str = "gram") -> None:
-        """Driver-only (one driver holds the lock): rate, workers last seen, times; kept in the array's attributes."""
-        self.root[name].attrs["progress"] = info
-
     def progress(self, name: str = "gram") -> dict:
-        return dict(self.root[name].attrs.get("progress", {}))
+        return self.tiled(name).progress()
 
 
 def _indices(idx, n: int, what: str) -> np.ndarray:

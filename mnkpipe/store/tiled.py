@@ -151,6 +151,10 @@ class TiledArray:
     def clear_record(self, bi: int, bj: int) -> None:
         self.group[f"{self.name}_crc32"][bi, bj] = RECORD_FILL
 
+    def set_progress(self, info: dict) -> None:
+        """Driver-only (one driver holds the lock): rate, workers last seen, times; kept in the array's attributes."""
+        self.array.attrs["progress"] = info
+
     def progress(self) -> dict:
         return dict(self.array.attrs.get("progress", {}))
 
