@@ -87,3 +87,29 @@ def _children(p) -> list:
         return p.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny nets run fastest on one thread, and oversubscribed threads crawl when the CPUs are shared."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def crash_after_saving(monkeypatch, key: str, at: int) -> list:
+    """Make the baselines' checkpoint writer record state[key] of every save and raise KeyboardInterrupt right
+    after the save where it equals `at` (a run killed just after a checkpoint); returns the records."""
+    from mnkpipe.baselines import checkpoint
+    saves, real_save = [], checkpoint.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        saves.append(state[key])
+        if state[key] == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    return saves

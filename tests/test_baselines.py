@@ -5,20 +5,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import crash_after_saving
 
-import mnkpipe.baselines.train as train_mod
 from mnkpipe.baselines import (BaselineSettings, imaml_hypergrad, imaml_inner, make_convnet, maml_inner,
                                maml_meta_loss, run_baseline)
 from mnkpipe.baselines.maml import task_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets run fastest on one thread, and oversubscribed threads crawl when the CPUs are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_net(seed=0):
@@ -204,16 +198,7 @@ def test_selection_never_looks_at_test(problem, maml_run):
 
 
 def test_resume_equals_uninterrupted(problem, maml_run, tmp_path, monkeypatch):
-    saves = []
-    real_save = train_mod._save_checkpoint
-
-    def save_then_crash(path, state):
-        real_save(path, state)
-        saves.append(state["step"])
-        if state["step"] == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    saves = crash_after_saving(monkeypatch, "step", 10)
     with pytest.raises(KeyboardInterrupt):
         run_baseline("maml", *problem, way=2, settings=TINY, seed=0, checkpoint_dir=tmp_path, progress=False)
     assert saves == [5, 10] and not list(tmp_path.glob("*.tmp*"))

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from mnkpipe.cli import main
@@ -17,12 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = (REPO / "configs" / "smoke.toml").read_text()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def build(path: Path, omniglot_root, seed: int) -> Path:

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import crash_after_saving
 from torch import nn
 
 import mnkpipe.baselines.extractor as ext
@@ -9,12 +10,7 @@ from mnkpipe.baselines import EmbeddingSettings, train_extractor
 from mnkpipe.baselines.extractor import make_extractor_net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 TINY = EmbeddingSettings(channels=6, blocks=3, epochs=4, batch=8, lr=1e-2)
@@ -102,15 +98,7 @@ def test_deterministic_for_a_seed(trained):
 
 def test_resume_equals_uninterrupted(trained, tmp_path, monkeypatch):
     images, labels, e = trained
-    saves, real_save = [], ext._save_checkpoint
-
-    def save_then_crash(path, state):
-        real_save(path, state)
-        saves.append(state["epoch"])
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ext, "_save_checkpoint", save_then_crash)
+    saves = crash_after_saving(monkeypatch, "epoch", 2)
     with pytest.raises(KeyboardInterrupt):
         train_extractor(images, labels, TINY, seed=0, checkpoint_dir=tmp_path, progress=False)
     assert saves == [1, 2] and not list(tmp_path.glob("*.tmp*"))

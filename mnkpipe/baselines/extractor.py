@@ -13,7 +13,6 @@ pass over the whole training set would use, not those of the last mini-batch (th
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from . import checkpoint
 
 CHECKPOINT = "extractor.pt"
 CHUNK = 512  # images per forward pass when computing statistics or embeddings (memory only, results unchanged)
@@ -112,13 +113,6 @@ def _data_digest(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic torch.save: write a temporary file in the same folder, then os.replace it over `path`."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train_extractor(images: np.ndarray, labels: np.ndarray, settings: EmbeddingSettings, *, seed: int,
                     checkpoint_dir: Path | None, progress: bool = True, device: str = "cpu") -> Extractor:
     """theta* ~ argmin_theta mean CE(head(features_theta(x_i)), c_i) by Adam over `epochs` shuffled mini-batches.
@@ -168,7 +162,7 @@ def train_extractor(images: np.ndarray, labels: np.ndarray, settings: EmbeddingS
         bar.set_postfix(loss=f"{total / len(x):.3f}")
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(ckpt, {"ident": ident, "epoch": epoch + 1, "net": net.state_dict(),
+            checkpoint.save_checkpoint(ckpt, {"ident": ident, "epoch": epoch + 1, "net": net.state_dict(),
                                     "opt": opt.state_dict()})
     bar.close()
     set_exact_bn_statistics(net[0], x)

@@ -11,6 +11,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .convnet import make_convnet
 from .imaml import imaml_hypergrad, imaml_inner
 from .maml import maml_inner, maml_meta_loss, task_loss
@@ -123,13 +124,6 @@ def _meta_step(method, model, params, buffers, batch, s: BaselineSettings) -> fl
     return None
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic torch.save: write a temporary file in the same folder, then os.replace it over `path`."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int, settings: BaselineSettings,
                  seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
                  device="cpu", run_key: dict | None = None) -> dict:
@@ -198,7 +192,7 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
                             **({} if loss is None else {"query_loss": f"{loss:.3f}"}))
             if ckpt is not None:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
-                _save_checkpoint(ckpt, {
+                checkpoint.save_checkpoint(ckpt, {
                     "ident": ident, "step": done, "params": {k: v.detach() for k, v in params.items()},
                     "buffers": buffers, "opt": opt.state_dict(), "curve": curve, "best_acc": best_acc,
                     "best_step": best_step, "best_params": best_params, "best_buffers": best_buffers,
