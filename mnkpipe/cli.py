@@ -197,10 +197,6 @@ def _int_list(ctx, param, text):
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def _counts(text):
-    return [int(c) for c in text.split(",")] if text else None
-
-
 def _name_list(ctx, param, text):
     return [c.strip() for c in text.split(",") if c.strip()]
 
@@ -259,10 +255,11 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
               help="The store whose episodes (same training subsets, same test tasks) the baselines use.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML with a [baselines] table.")
-@click.option("--train-tasks", help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
+@click.option("--train-tasks", callback=_int_list,
+              help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Seeds (training subsets) per count.")
-@click.option("--methods", default="maml,imaml", show_default=True)
+@click.option("--methods", default="maml,imaml", show_default=True, callback=_name_list)
 @click.option("--meta-steps", type=click.IntRange(min=1), help="Override meta-training steps.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Torch device; auto picks CUDA when torch sees one.")
@@ -277,7 +274,7 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device
     from .evaluation.baselines_run import baseline_settings, run_baselines
     try:
         settings = baseline_settings(config, meta_steps=meta_steps)
-        run_baselines(store, methods=methods.split(","), train_counts=_counts(train_tasks), seeds=seeds,
+        run_baselines(store, methods=methods, train_counts=train_tasks, seeds=seeds,
                       settings=settings, out=out, progress=not no_progress, device=device)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
