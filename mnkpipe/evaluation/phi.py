@@ -17,7 +17,7 @@ import zarr
 
 from ..data import TaskSet
 from ..kernels import mnk
-from ..store import StoreError, TiledArray, add_tiled_array, open_store
+from ..store import StoreError, TiledArray, add_tiled_array, open_store, symmetric_block
 
 INF = mnk.INF
 ARRAY = "mnk"
@@ -56,19 +56,8 @@ class CachedGram:
         return t
 
     def __call__(self, rows, cols) -> np.ndarray:
-        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        ts = self.store.tile_size
-        out = np.empty((len(rows), len(cols)))
-        rb, cb = rows // ts, cols // ts
-        for bi in np.unique(rb):
-            ri = np.flatnonzero(rb == bi)
-            for bj in np.unique(cb):
-                ci = np.flatnonzero(cb == bj)
-                if bi <= bj:
-                    out[np.ix_(ri, ci)] = self.tile(bi, bj)[np.ix_(rows[ri] - bi * ts, cols[ci] - bj * ts)]
-                else:
-                    out[np.ix_(ri, ci)] = self.tile(bj, bi)[np.ix_(cols[ci] - bj * ts, rows[ri] - bi * ts)].T
-        return out
+        return symmetric_block(np.asarray(rows, np.int64), np.asarray(cols, np.int64), self.store.tile_size,
+                               self.tile)
 
 
 def kernel_reader(store, settings: dict, max_bytes: float = 1e9):

@@ -2,8 +2,9 @@
 
 from .layout import CREATION_MARKER, Store, create_store, describe_differences, is_being_created, open_store
 from .lock import StoreLock, StoreLockedError
-from .tiled import RECORD_FILL, StoreError, TiledArray, add_tiled_array, find_tiled_arrays, tile_crc
+from .tiled import (RECORD_FILL, StoreError, TiledArray, add_tiled_array, find_tiled_arrays, symmetric_block,
+                    tile_crc)
 
 __all__ = ["CREATION_MARKER", "RECORD_FILL", "Store", "StoreError", "StoreLock", "StoreLockedError",
            "TiledArray", "add_tiled_array", "create_store", "describe_differences", "find_tiled_arrays",
-           "is_being_created", "open_store", "tile_crc"]
+           "is_being_created", "open_store", "symmetric_block", "tile_crc"]

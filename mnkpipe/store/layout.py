@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import StoreError, TiledArray, add_tiled_array
+from .tiled import StoreError, TiledArray, add_tiled_array, symmetric_block
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
 IMAGE_DIMS = ("image", "channel", "y", "x")
@@ -105,19 +105,7 @@ class Store:
         transposed), each checked against its CRC record; NaN in tiles not computed."""
         ta = self.tiled(name)
         rows, cols = _indices(rows, ta.n, "rows"), _indices(cols, ta.n, "cols")
-        t = ta.tile_size
-        out = np.empty((len(rows), len(cols)), np.float64)
-        rb, cb = rows // t, cols // t
-        for bi in np.unique(rb):
-            ri = np.nonzero(rb == bi)[0]
-            for bj in np.unique(cb):
-                ci = np.nonzero(cb == bj)[0]
-                tile = ta.read_tile(min(bi, bj), max(bi, bj))
-                if bi <= bj:
-                    out[np.ix_(ri, ci)] = tile[np.ix_(rows[ri] - bi * t, cols[ci] - bj * t)]
-                else:
-                    out[np.ix_(ri, ci)] = tile[np.ix_(cols[ci] - bj * t, rows[ri] - bi * t)].T
-        return out
+        return symmetric_block(rows, cols, ta.tile_size, ta.read_tile)
 
     # -- writing (workers write tiles through tiled(name).write_tile) ------------------------------------------
     def clear_record(self, bi: int, bj: int, name: str = "gram") -> None:

@@ -179,3 +179,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def symmetric_block(rows: np.ndarray, cols: np.ndarray, tile_size: int, upper_tile) -> np.ndarray:
+    """K[rows][:, cols] of a symmetric matrix kept as upper tiles: upper_tile(bi, bj) for bi <= bj, a lower tile
+    (bi > bj) is upper_tile(bj, bi) transposed; rows and cols are int64 index arrays."""
+    t = tile_size
+    out = np.empty((len(rows), len(cols)), np.float64)
+    rb, cb = rows // t, cols // t
+    for bi in np.unique(rb):
+        ri = np.flatnonzero(rb == bi)
+        for bj in np.unique(cb):
+            ci = np.flatnonzero(cb == bj)
+            if bi <= bj:
+                out[np.ix_(ri, ci)] = upper_tile(bi, bj)[np.ix_(rows[ri] - bi * t, cols[ci] - bj * t)]
+            else:
+                out[np.ix_(ri, ci)] = upper_tile(bj, bi)[np.ix_(cols[ci] - bj * t, rows[ri] - bi * t)].T
+    return out
