@@ -161,10 +161,11 @@ def test_cpu_64x64_matches_oracle():
     assert rel_err(cntk(x1, x2, depth=3, backend="cpu"), ref) <= 2e-5
 
 
-def test_cpu_block_bits_do_not_depend_on_batching():
+@pytest.mark.parametrize("shape", [(2, 9, 11), (1, 17, 16)], ids=["32-lanes", "16-lanes"])
+def test_cpu_block_bits_do_not_depend_on_batching(shape):
     """K(x_i, x_j) has the same bits in any block it is computed in (batches, lanes and threads differ), as long as
     x_i stays on the row side (the symmetric Gram computes i <= j and mirrors it)."""
-    x = np.random.default_rng(10).normal(size=(21, 2, 9, 11))
+    x = np.random.default_rng(10).normal(size=(21, *shape))
     k = cntk(x, depth=5, backend="cpu")
     np.testing.assert_array_equal(cntk(x[3:5], x[5:19], depth=5, backend="cpu"), k[3:5, 5:19])
     np.testing.assert_array_equal(cntk(x[7:16], depth=5, backend="cpu"), k[7:16, 7:16])
