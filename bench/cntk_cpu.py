@@ -1,17 +1,19 @@
 """Pairs/s of the fused CPU backend vs the float64 numpy reference, same Omniglot inputs, same run; cost per pair
 by image size and depth against the arithmetic limit; peak memory.
 
-    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 1] [--pairs-cpu 16] [--sizes 8,12,16,28]
+    .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 1] [--pairs-cpu 64] [--sizes 8,12,16,28]
                                        [--threads N] [--skip-reference]
 
 Prints Markdown tables (medians of --repeats calls, the same statistic for both backends) for docs/benchmarks.md,
-with the load averages before and after.
+with the load averages before and after. The reference and the cpu backend are called in turn, one call of each
+per round, so that a change of load during the run falls on both.
 The speed-up is of wall times (cpu backend on all numba threads vs the single-threaded reference); the
 CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
 other processes on the machine disturb less.
 The limit: FLOP_PER_ENTRY(C, d) floating-point operations per kernel entry (pair x entry of the 4-D recursion),
-at 2 FMA x 8 float32 lanes x 2 flop = 32 flop per cycle per core (256-bit vectors, which LLVM uses here) and the
-clock measured by a dependency chain, on all numba threads.
+at 2 FMA x 8 float32 lanes x 2 flop = 32 flop per cycle per core (two 256-bit FMA pipes: AMD Zen 4, where 512-bit
+instructions are split in two, and Intel cores with one 512-bit FMA unit) and the clock measured by a dependency
+chain, on all numba threads.
 """
 
 import argparse
@@ -32,10 +34,11 @@ FLOP_PER_CYCLE = 32  # per core: two 256-bit FMA units, 8 float32 lanes, 2 flop 
 
 
 def flop_per_entry(c: int, depth: int) -> int:
-    """G (2C), A(G) (6: 2 FMA + 2 add), d-1 V steps (30 each: 2 mul rho, 1 - |rho|, 7 FMA of the acos polynomial,
-    u P, pi - acos, 1 + |rho|, u sqrt, FMA, a_x a_z, product, (pi - theta)/(9 pi), FMA of T; plus 2 square roots
-    and 5 clip/abs/select ops not counted), d-2 pairs of box filters on S and T (12), the final sum (1)."""
-    return 2 * c + 6 + 30 * (depth - 1) + 12 * (depth - 2) + 1
+    """G (2C), the first box filter on S (4 adds: 2 in the row pass, 2 in the column pass), d-1 V steps (28 each:
+    r_x r_z, a_x a_z, rho = S r_x r_z; 1 - |rho|, 7 FMA of the acos polynomial, u P, pi - acos, 1 + |rho|, u sqrt,
+    FMA rho (pi - theta) + sin, (pi - theta)/(9 pi), the product with a_x a_z, FMA of T; plus 2 square roots and 5
+    clip/abs/select ops not counted), d-2 box filters on S and T (8 adds), the final sum (1)."""
+    return 2 * c + 4 + 28 * (depth - 1) + 8 * (depth - 2) + 1
 
 
 @numba.njit
@@ -70,14 +73,16 @@ def time_it(fn, repeats: int) -> float:
     return statistics.median(time_once(fn) for _ in range(repeats))
 
 
-def time_both(fn, repeats: int) -> tuple[float, float]:
-    """Median wall seconds and median CPU seconds of this process (all threads) of `repeats` calls."""
-    walls, cpus = [], []
+def time_side_by_side(fns, repeats: int) -> list[tuple[float, float]]:
+    """Median wall seconds and median CPU seconds of this process (all threads) of `repeats` calls of each function,
+    called in turn (one call of each per round), so that the load of other processes falls on all of them alike."""
+    walls, cpus = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeats):
-        c = time.process_time()
-        walls.append(time_once(fn))
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus)
+        for f, w, c in zip(fns, walls, cpus):
+            c0 = time.process_time()
+            w.append(time_once(f))
+            c.append(time.process_time() - c0)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
 
 
 def load() -> str:
@@ -94,15 +99,14 @@ def speedup_table(a) -> None:
     for d in map(int, a.depths.split(",")):
         l = scale_maps(x, d)
         x64, l64 = x.astype(np.float64), l
-        ref_vals = []
-        t_ref, c_ref = (v / a.pairs_ref for v in time_both(
-            lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
-                                     for j in range(a.pairs_ref)]), a.repeats))
+        ref_vals, out = [], []
         cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)  # compile / load the cache outside the timing
-        out = []
-        t_cpu, c_cpu = (v / a.pairs_cpu for v in time_both(
+        (w_ref, c_ref), (w_cpu, c_cpu) = time_side_by_side([
+            lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
+                                     for j in range(a.pairs_ref)]),
             lambda: out.append(cntk_block_cpu(x[:1], l[:1], x[1:1 + a.pairs_cpu], l[1:1 + a.pairs_cpu], depth=d)),
-            a.repeats))
+        ], a.repeats)
+        t_ref, c_ref, t_cpu, c_cpu = w_ref / a.pairs_ref, c_ref / a.pairs_ref, w_cpu / a.pairs_cpu, c_cpu / a.pairs_cpu
         diff = np.max(np.abs(out[-1][0, :a.pairs_ref] - ref_vals[-1]) / np.abs(ref_vals[-1]))
         print(f"| {d} | {1e3 * t_ref:.1f} | {1e3 * t_cpu:.2f} | {1 / t_ref:.2f} | {1 / t_cpu:.1f} | "
               f"{t_ref / t_cpu:.1f}x | {diff:.1e} | {c_ref / c_cpu:.1f}x |", flush=True)
@@ -121,7 +125,7 @@ def cost_table(a, ghz: float) -> None:
             l = scale_maps(x, d)
             cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)
             entries = size ** 4
-            n = batch_lanes(size) * threads  # one batch per thread per timed call
+            n = a.batches * batch_lanes(size) * threads  # --batches batches per thread per timed call
             t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[8:8 + n], l[8:8 + n], depth=d), a.repeats) / n
             flop = flop_per_entry(x.shape[1], d)
             limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
@@ -134,8 +138,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="3,10,20")
     ap.add_argument("--pairs-ref", type=int, default=1, help="pairs per timed call of the reference (slow)")
-    ap.add_argument("--pairs-cpu", type=int, default=16, help="pairs per timed call of the cpu backend (16 at 28x28: "
-                    "one batch of 8 per thread; short calls are the least disturbed by other processes)")
+    ap.add_argument("--pairs-cpu", type=int, default=64, help="pairs per timed call of the cpu backend (64 at 28x28: "
+                    "two batches of 16 per thread, so both threads work all the call)")
+    ap.add_argument("--batches", type=int, default=2, help="batches per thread per timed call of the cost table")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median counts")
     ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
     ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
