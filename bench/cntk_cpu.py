@@ -73,16 +73,17 @@ def time_it(fn, repeats: int) -> float:
     return statistics.median(time_once(fn) for _ in range(repeats))
 
 
-def time_side_by_side(fns, repeats: int) -> list[tuple[float, float]]:
-    """Median wall seconds and median CPU seconds of this process (all threads) of `repeats` calls of each function,
-    called in turn (one call of each per round), so that the load of other processes falls on all of them alike."""
-    walls, cpus = [[] for _ in fns], [[] for _ in fns]
+def time_side_by_side(fns, repeats: int) -> list[list[tuple[float, float]]]:
+    """Per round, (wall seconds, CPU seconds of this process on all threads) of one call of each function, called in
+    turn, so that a change of load by other processes falls on all of them alike; `repeats` rounds."""
+    rounds = []
     for _ in range(repeats):
-        for f, w, c in zip(fns, walls, cpus):
+        row = []
+        for f in fns:
             c0 = time.process_time()
-            w.append(time_once(f))
-            c.append(time.process_time() - c0)
-    return [(statistics.median(w), statistics.median(c)) for w, c in zip(walls, cpus)]
+            row.append((time_once(f), time.process_time() - c0))
+        rounds.append(row)
+    return rounds
 
 
 def load() -> str:
@@ -92,24 +93,28 @@ def load() -> str:
 def speedup_table(a) -> None:
     x = omniglot_images(2 + a.pairs_cpu, a.size)
     print(f"{a.size}x{a.size} Omniglot, GAP; cpu backend: {numba.get_num_threads()} threads on {os.cpu_count()} cores, "
-          f"reference: 1 thread; medians of {a.repeats} runs\n")
-    print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | max rel. diff | "
-          "CPU-seconds ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"reference: 1 thread; medians of {a.repeats} rounds (speed-up: of the medians, and the median of the "
+          f"rounds' own ratios)\n")
+    print("| depth | reference ms/pair | cpu ms/pair | reference pairs/s | cpu pairs/s | speed-up | speed-up, median "
+          "of rounds | max rel. diff | CPU-seconds ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for d in map(int, a.depths.split(",")):
         l = scale_maps(x, d)
         x64, l64 = x.astype(np.float64), l
         ref_vals, out = [], []
         cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)  # compile / load the cache outside the timing
-        (w_ref, c_ref), (w_cpu, c_cpu) = time_side_by_side([
+        rounds = time_side_by_side([
             lambda: ref_vals.append([cntk_pair(x64[0], x64[1 + j], l64[0], l64[1 + j], depth=d)
                                      for j in range(a.pairs_ref)]),
             lambda: out.append(cntk_block_cpu(x[:1], l[:1], x[1:1 + a.pairs_cpu], l[1:1 + a.pairs_cpu], depth=d)),
         ], a.repeats)
-        t_ref, c_ref, t_cpu, c_cpu = w_ref / a.pairs_ref, c_ref / a.pairs_ref, w_cpu / a.pairs_cpu, c_cpu / a.pairs_cpu
+        per_pair = [((wr / a.pairs_ref, cr / a.pairs_ref), (wc / a.pairs_cpu, cc / a.pairs_cpu))
+                    for (wr, cr), (wc, cc) in rounds]
+        t_ref, c_ref, t_cpu, c_cpu = (statistics.median(r[i][j] for r in per_pair) for i in (0, 1) for j in (0, 1))
+        paired = statistics.median(r[0][0] / r[1][0] for r in per_pair)
         diff = np.max(np.abs(out[-1][0, :a.pairs_ref] - ref_vals[-1]) / np.abs(ref_vals[-1]))
         print(f"| {d} | {1e3 * t_ref:.1f} | {1e3 * t_cpu:.2f} | {1 / t_ref:.2f} | {1 / t_cpu:.1f} | "
-              f"{t_ref / t_cpu:.1f}x | {diff:.1e} | {c_ref / c_cpu:.1f}x |", flush=True)
+              f"{t_ref / t_cpu:.1f}x | {paired:.1f}x | {diff:.1e} | {c_ref / c_cpu:.1f}x |", flush=True)
 
 
 def cost_table(a, ghz: float) -> None:
