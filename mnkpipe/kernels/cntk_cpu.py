@@ -76,7 +76,7 @@ def _row_pass(src, dst, o, n, ww, lanes, stride, cut_c):
         for r in range(n // stride):
             o1 = r * stride + cut_c * lanes  # entry (r, cut_c - 1)
             o2 = o1 + lanes
-            for k0 in range(0, lanes, 8):
+            for k0 in range(0, lanes, 8):  # 8 at a time: a constant trip count, unrolled
                 for k in range(8):
                     out[o1 + k0 + k] = mid[o1 + k0 + k] + left[o1 + k0 + k]
                     out[o2 + k0 + k] = mid[o2 + k0 + k] + right[o2 + k0 + k]
