@@ -1,10 +1,11 @@
-"""A real two-node Ray cluster (started with `ray start` on free ports and a private temp dir, stopped by pid):
-joined on purpose with --address, and never joined without it."""
+"""A real two-node Ray cluster (started with `ray start --block` on free ports and a private temp dir, so that its
+processes are descendants of ours, and stopped by pid): joined on purpose with --address, never joined without it."""
 
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +27,25 @@ def cli(*args, env, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def processes_of(temp_dir: str) -> list:
-    """The processes of the cluster whose temp dir is temp_dir (its GCS and raylets name it), and their workers."""
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in a for a in p.info["cmdline"] or []):
-            roots.append(p)
-    return ray_processes(roots)
+def start_node(cmd: list[str], env, log: Path) -> psutil.Process:
+    """Run cmd, a `ray start ... --block`, in the background and return its process once the node is up: its GCS,
+    raylet and their workers are its descendants, found by pid (ray_processes), never by name or command line."""
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text():
+        if p.poll() is not None or time.monotonic() > deadline:
+            if p.poll() is None:
+                kill_processes(ray_processes([psutil.Process(p.pid)]))
+            raise RuntimeError(f"ray start failed:\n{log.read_text()}")
+        time.sleep(0.2)
+    return psutil.Process(p.pid)
 
 
-def node_ids(temp_dir: str) -> set[str]:
+def node_ids(nodes) -> set[str]:
+    """The Ray node ids of the processes started by start_node (their raylets carry --node_id=...)."""
     ids = set()
-    for p in processes_of(temp_dir):
+    for p in ray_processes(nodes):
         try:
             ids |= {a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_id=")}
         except psutil.NoSuchProcess:
@@ -53,20 +61,20 @@ def env(omniglot_root):
 
 @pytest.fixture(scope="module")
 def cluster(env):
-    """A head and a second node, one CPU each, on this machine: (address, temp dir)."""
+    """A head and a second node, one CPU each, on this machine: (address, their `ray start` processes)."""
     temp_dir = tempfile.mkdtemp(prefix="mnkray", dir="/tmp")  # short: Ray's socket paths live under it
     port = free_port()
     common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
               f"--dashboard-agent-listen-port={free_port()}"]
+    nodes = []
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                        *common], env=env, check=True,
-                       capture_output=True, timeout=180)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
-                       capture_output=True, timeout=180)
-        yield f"127.0.0.1:{port}", temp_dir
+        head = [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common, "--block"]
+        nodes.append(start_node(head, env, Path(temp_dir) / "head.log"))
+        nodes.append(start_node([RAY, "start", f"--address=127.0.0.1:{port}", *common, "--block"], env,
+                                Path(temp_dir) / "node.log"))
+        yield f"127.0.0.1:{port}", nodes
     finally:
-        kill_processes(processes_of(temp_dir))  # by pid, never `ray stop`: other users' Ray jobs live here too
+        kill_processes(ray_processes(nodes))  # by pid, never `ray stop`: other users' Ray jobs live here too
 
 
 def smoke_gram_is_right(store) -> None:
@@ -90,7 +98,7 @@ def test_two_node_ray_cluster_with_a_relative_store_path(cluster, env, tmp_path)
 
 def test_without_address_a_private_instance_even_beside_a_cluster(cluster, env, tmp_path):
     """RAY_ADDRESS and the host's `ray start` cluster are ignored without --address (today: refused or joined)."""
-    address, temp_dir = cluster
+    address, nodes = cluster
     store = tmp_path / "private.zarr"
     ray_tmp = tempfile.mkdtemp(prefix="mnkpriv", dir="/tmp")
     r = cli("compute-kernel", "--config", SMOKE, "--store", store, "--cpus", "1", "--no-progress",
@@ -99,8 +107,8 @@ def test_without_address_a_private_instance_even_beside_a_cluster(cluster, env, 
     # it ran in a session of its own and did not make itself the host's "current" cluster for plain ray.init()
     assert (Path(ray_tmp) / "ray" / "session_latest").exists()
     assert not (Path(ray_tmp) / "ray" / "ray_current_cluster").exists()
-    nodes = {w["node"] for w in store_status(store)["workers"].values()}
-    assert len(nodes) == 1 and not nodes & node_ids(temp_dir), (nodes, node_ids(temp_dir))
+    used = {w["node"] for w in store_status(store)["workers"].values()}
+    assert len(used) == 1 and not used & node_ids(nodes), (used, node_ids(nodes))
     smoke_gram_is_right(store)
 
 
@@ -121,16 +129,16 @@ def test_a_node_that_does_not_see_the_store_is_named_in_a_clear_error(cluster, e
         pytest.skip("needs `unshare -m` (root or user namespaces) to give a node its own view of the filesystem")
     node_tmp = tempfile.mkdtemp(prefix="mnkray", dir="/tmp")
     start = (f"mount -t tmpfs none {hidden} && exec {RAY} start --address={address} --num-cpus=1 "
-             f"--disable-usage-stats --temp-dir={node_tmp} --dashboard-agent-listen-port={free_port()}")
+             f"--disable-usage-stats --temp-dir={node_tmp} --dashboard-agent-listen-port={free_port()} --block")
+    node = start_node(["unshare", "-m", "--propagation", "private", "sh", "-c", start], env,
+                      Path(node_tmp) / "node.log")
     try:
-        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", start], env=env, check=True,
-                       capture_output=True, timeout=180)
-        (node,) = node_ids(node_tmp)
+        (node_id,) = node_ids([node])
         store = hidden / "s.zarr"
         r = cli("compute-kernel", "--config", SMOKE, "--store", store, "--address", address, "--no-progress", env=env)
     finally:
-        kill_processes(processes_of(node_tmp))
+        kill_processes(ray_processes([node]))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert f"the worker on node {node}" in r.stderr and str(store) in r.stderr, r.stderr
+    assert f"the worker on node {node_id}" in r.stderr and str(store) in r.stderr, r.stderr
     assert "the store must be on a filesystem every node can see" in r.stderr
     assert not Path(f"{store}.lock").exists()
