@@ -74,7 +74,7 @@ def cluster(env):
                                 Path(temp_dir) / "node.log"))
         yield f"127.0.0.1:{port}", nodes
     finally:
-        kill_processes(ray_processes(nodes))  # by pid, never `ray stop`: other users' Ray jobs live here too
+        kill_processes(ray_processes(nodes))  # by pid only: other users' Ray jobs live on this machine too
 
 
 def smoke_gram_is_right(store) -> None:
