@@ -6,17 +6,19 @@ tiles of H x W entries (as in cntk_fused.cu): tile (b, a), indexed by q = (i, j)
 p = ((i + b) mod H, (j + a) mod W); it is made of up to four slabs, separated by cuts at row H - b and column W - a,
 which the box filter does not cross.
 Layout: a batch of `lanes` pairs runs in lock step, each tile entry holding one float32 per pair side by side
-(16 lanes: one 512-bit vector; 32 below W = 16, whose rows are short). A row is W + 1 entries, a zero entry first,
-so the box filter's row pass is one loop over whole rows (the zero entries are the edges; the two entries beside
-the column cut are redone). The tile's two row pieces (rows i < H - b, whose p rows are i + b, and the rest) lie
-between zero rows, so the column pass reads the rows above and below without tests, and it runs fused with V: one
-loop per piece and layer reads the row-passed S and T, sums three rows and applies V. The x-side inputs are
-rotated by a columns once per a, so the p rows of a piece are contiguous rows of them.
+(16 lanes; 32 below W = 16, whose rows are short). A row is W + 1 entries, a zero entry first, so the box filter's
+row pass is one loop over a whole row (the zero entries are the edges; the two entries beside the column cut are
+redone). The tile's two row pieces (rows i < H - b, whose p rows are i + b, and the rest) lie between zero rows.
+Order: a wavefront over the rows (_tiles). Level 0 of row r is the row-passed G, level l the row-passed S and T
+after layer l; level l of row r needs level l - 1 of rows r - 1, r, r + 1, so one step computes, level by level,
+row k - l of each level l. Each level keeps its last three rows, so a tile's state is a few KB per layer instead
+of four whole planes that go through the L2 cache every layer; four tiles run side by side and share the map rows.
+The x-side inputs are rotated by a columns once per a, so the p rows of a piece are contiguous rows of them.
 The per-image inputs of a batch (images, maps a = l / sqrt(9 pi), reciprocals r = 1 / l) are interleaved once per
 batch, so V needs no division, no 1/(9 pi) multiply and no l_x l_z rebuilt from short rows.
 Arithmetic is float32; each tile column is summed in float32 per pair and added to the pair's float64 total. A
-pair's arithmetic does not depend on its batch, lane or the layout: any block of a Gram has the same bits (and
-the same bits as the earlier row-grouped layout of this kernel).
+pair's arithmetic does not depend on its batch, lane, layout or order: any block of a Gram has the same bits (and
+the same bits as the earlier layouts of this kernel: the order of every sum is unchanged).
 """
 
 import math
@@ -32,6 +34,8 @@ RHO_SNAP32 = 4e-6
 L_TINY = 1e-18
 _PI = np.float32(math.pi)
 _INV_9PI = np.float32(1.0 / (9.0 * math.pi))
+# Tiles (b, a) of one a computed side by side: 4 was 3.5% faster than 1 at 28x28 (the maps of depth 10 are 2 MB).
+TILE_GROUP = 4
 # fastmath without "reassoc": LLVM may not reorder float sums. Elementwise loops vectorise without it, and the
 # result no longer depends on how a particular process's compile happened to order the IR (bit-identical Grams).
 # error_model="numpy": no ZeroDivisionError branches, which would keep the vectoriser away.
@@ -65,96 +69,103 @@ def _v(s, t, ax, az, rx, rz):
 
 
 @nb.njit(inline="always", **_JIT)
-def _row_pass(src, dst, o, n, ww, lanes, stride, cut_c):
-    """dst[r, j] = (src[r, j] + src[r, j-1]) + src[r, j+1] on the rows of entries o <= e < o + n, not across the
-    cut between columns cut_c - 1 and cut_c. Entry (r, j) lies at r stride + (j + 1) lanes: a zero entry starts
-    every row (and follows the last)."""
-    left, mid, right, out = src[o - lanes:o - lanes + n], src[o:o + n], src[o + lanes:o + lanes + n], dst[o:o + n]
-    for e in range(n):
-        out[e] = (mid[e] + left[e]) + right[e]
+def _row_pass(v, dst, do, ww, lanes, stride, cut_c):
+    """dst[do + e] = (v[e + lanes] + v[e]) + v[e + 2 lanes], 0 <= e < stride: the row pass of the row held in
+    v[lanes:lanes + stride] (its zero entry first, a zero entry after it), not across the cut between columns
+    cut_c - 1 and cut_c. Offsets are uint64: numba then indexes without negative-index tests, and the loop vectorises."""
+    l2 = lanes + lanes
+    for e in range(stride):
+        dst[do + e] = (v[lanes + e] + v[e]) + v[l2 + e]
     if 0 < cut_c < ww:
-        for r in range(n // stride):
-            o1 = r * stride + cut_c * lanes  # entry (r, cut_c - 1)
-            o2 = o1 + lanes
-            for k0 in range(0, lanes, 8):  # 8 at a time: a constant trip count, unrolled
-                for k in range(8):
-                    out[o1 + k0 + k] = mid[o1 + k0 + k] + left[o1 + k0 + k]
-                    out[o2 + k0 + k] = mid[o2 + k0 + k] + right[o2 + k0 + k]
+        o1 = np.uint64(cut_c) * lanes  # entry cut_c - 1
+        o2 = o1 + lanes
+        for k in range(lanes):
+            dst[do + o1 + k] = v[lanes + o1 + k] + v[o1 + k]
+            dst[do + o2 + k] = v[lanes + o2 + k] + v[l2 + o2 + k]
 
 
-@nb.njit(**_JIT)
-def _layer_rows(hs, ht, s, t, ax, az, rx, rz, o, n, stride, first, fix):
-    """Entries o <= e < o + n of a layer: S = (up + mid) + down of the row-passed S (T likewise; at the first layer
-    T = S, or 0 with fix), then V into s, t; ax, az, rx, rz start at entry o."""
-    us, ms, ds, so = hs[o - stride:], hs[o:], hs[o + stride:], s[o:]
-    ut, mt, dt, to = ht[o - stride:], ht[o:], ht[o + stride:], t[o:]
+@nb.njit(inline="always", **_JIT)
+def _v_row(ring, su, sm, sd, tu, tm, td, vs, vt, vo, axb, azb, rxb, rzb, xo, zo, nw, first, fix):
+    """One row of a layer: S = (up + mid) + down of ring rows su, sm, sd (T likewise from tu, tm, td; at the first
+    layer T = S, or 0 with fix), then V into vs[vo:], vt[vo:]; uint64 offsets."""
     if first and fix:
-        for e in range(n):
-            sv = (us[e] + ms[e]) + ds[e]
-            so[e], to[e] = _v(sv, np.float32(0.0), ax[e], az[e], rx[e], rz[e])
+        for e in range(nw):
+            sv = (ring[su + e] + ring[sm + e]) + ring[sd + e]
+            vs[vo + e], vt[vo + e] = _v(sv, np.float32(0.0), axb[xo + e], azb[zo + e], rxb[xo + e], rzb[zo + e])
     elif first:
-        for e in range(n):
-            sv = (us[e] + ms[e]) + ds[e]
-            so[e], to[e] = _v(sv, sv, ax[e], az[e], rx[e], rz[e])
+        for e in range(nw):
+            sv = (ring[su + e] + ring[sm + e]) + ring[sd + e]
+            vs[vo + e], vt[vo + e] = _v(sv, sv, axb[xo + e], azb[zo + e], rxb[xo + e], rzb[zo + e])
     else:
-        for e in range(n):
-            sv = (us[e] + ms[e]) + ds[e]
-            tv = (ut[e] + mt[e]) + dt[e]
-            so[e], to[e] = _v(sv, tv, ax[e], az[e], rx[e], rz[e])
+        for e in range(nw):
+            sv = (ring[su + e] + ring[sm + e]) + ring[sd + e]
+            tv = (ring[tu + e] + ring[tm + e]) + ring[td + e]
+            vs[vo + e], vt[vo + e] = _v(sv, tv, axb[xo + e], azb[zo + e], rxb[xo + e], rzb[zo + e])
 
 
 @nb.njit(**_JIT)
-def _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hs, ht, acc, tot):
-    """tot[k] += sum over tile (b, a) of T (T - S if fix) after all layers, for the batch's pairs k < lanes.
+def _tiles(xb, zb, axb, azb, rxb, rzb, b0, ntile, a, hh, ww, nch, nl, lanes, fix, ring, vs, vt, acc, tot):
+    """tot[k] += sum over the tiles (b, a), b0 <= b < b0 + ntile, of T (T - S if fix) after all layers.
 
-    Rows of W + 1 entries of `lanes` floats, a zero entry first. The per-image stacks are (plane, H, W + 1, lanes)
-    plus one zero entry after each plane: xb (C planes) batch images with columns rotated by a (p side, _rotate),
-    zb (q side); axb, rxb (depth - 1 planes) maps a and r, rotated by a; azb, rzb. s, t (S and T) and hs, ht
-    (their row passes) hold the tile's two pieces, rows 0 <= i < H - b (p rows i + b) and H - b <= i < H
-    (p rows i + b - H), between zero rows: layout row 0 zero, piece one, a zero row, piece two, a zero row."""
+    A wavefront over the layout rows r (row 0 zero, piece one, a zero row, piece two, a zero row; H + 3 rows of
+    W + 1 entries of `lanes` floats, a zero entry first): level 0 is the row-passed G, level l the row-passed S and T
+    of layer l. Level l's row r needs level l - 1's rows r - 1, r, r + 1, so step k computes row k - l of every
+    level l in turn, and a level keeps three rows (ring slots r mod 3): the state of a tile is 6 (depth - 1) rows,
+    not 4 planes. The tiles of a group run side by side, so the map rows one reads are read again by the next while
+    cached. The per-image stacks are (plane, H, W + 1, lanes) plus one zero entry after each plane: xb (C planes)
+    batch images with columns rotated by a (p side, _rotate), zb (q side); axb, rxb (depth - 1 planes) maps a and
+    r, rotated by a; azb, rzb. vs, vt hold the row a step works on between zero entries; acc the column sums of T
+    of each tile (float32), added to the pairs' float64 totals tile by tile."""
+    u = np.uint64
     stride = (ww + 1) * lanes
     plane = hh * stride + lanes
-    cut_r, cut_c = hh - b, ww - a  # first row and column of the second piece (none when b = 0 / a = 0)
-    # the pieces: (first layout entry, entries, offset of the p side's rows, of the q side's rows)
-    o1, n1, px1, qz1 = stride, cut_r * stride, b * stride, 0
-    o2, n2, px2, qz2 = (cut_r + 2) * stride, b * stride, 0, cut_r * stride
-    for buf in (s, t, hs, ht):  # the zero row between the pieces: a row of the previous tile's pieces
-        buf[o1 + n1:o2] = 0.0
-    for ch in range(nch):  # G[p, q] = sum_c x_c[p] z_c[q]
-        x, z = xb[ch * plane:], zb[ch * plane:]
-        for o, n, px, qz in ((o1, n1, px1, qz1), (o2, n2, px2, qz2)):
-            xs, zs, g = x[px:], z[qz:], s[o:]
-            for e in range(n):
-                g[e] = xs[e] * zs[e] if ch == 0 else g[e] + xs[e] * zs[e]
-    for o, n in ((o1, n1), (o2, n2)):
-        _row_pass(s, hs, o, n, ww, lanes, stride, cut_c)
-    for layer in range(nl):
-        m = layer * plane
-        _layer_rows(hs, ht, s, t, axb[m + px1:], azb[m + qz1:], rxb[m + px1:], rzb[m + qz1:], o1, n1, stride,
-                    layer == 0, fix)
-        if n2:
-            _layer_rows(hs, ht, s, t, axb[m + px2:], azb[m + qz2:], rxb[m + px2:], rzb[m + qz2:], o2, n2, stride,
-                        layer == 0, fix)
-        if layer < nl - 1:
-            for r in range(1, hh + 2):  # V wrote the zero entries that start the rows: restore them
-                s[r * stride:r * stride + lanes] = 0.0
-                t[r * stride:r * stride + lanes] = 0.0
-            for o, n in ((o1, n1), (o2, n2)):
-                _row_pass(s, hs, o, n, ww, lanes, stride, cut_c)
-                _row_pass(t, ht, o, n, ww, lanes, stride, cut_c)
-    n = ww * lanes
-    for i in range(hh):  # column sums over the tile rows in float32, then over the columns in float64
-        o = (i + 1 if i < cut_r else i + 2) * stride + lanes
-        sr, tr = s[o:], t[o:]
-        if i == 0:
-            for e in range(n):
-                acc[e] = tr[e] - sr[e] if fix else tr[e]
-        else:
-            for e in range(n):
-                acc[e] += tr[e] - sr[e] if fix else tr[e]
-    for j in range(ww):
-        for k in range(lanes):
-            tot[k] += acc[j * lanes + k]
+    nw = ww * lanes
+    cut_c = ww - a  # first column of the second column piece (none when a = 0)
+    nrow = hh + 3
+    per_tile = nl * 6 * stride
+    for k in range(nrow + nl):
+        for lev in range(min(k, nl) + 1):
+            r = k - lev
+            if r >= nrow:
+                continue
+            for tt in range(ntile):
+                b = b0 + tt
+                cut_r = hh - b  # first row of the second piece, whose p rows are i + b - H
+                rb = lanes + tt * per_tile
+                if r == 0 or r == cut_r + 1 or r == hh + 2:  # a zero row
+                    if lev < nl:
+                        o = rb + (lev * 3 + r % 3) * 2 * stride
+                        ring[o:o + 2 * stride] = 0.0
+                    continue
+                if r <= cut_r:  # offsets of the row's p and q rows in the per-image planes
+                    px, qz = (b + r - 1) * stride, (r - 1) * stride
+                else:
+                    px, qz = (r - cut_r - 2) * stride, (r - 2) * stride
+                o = rb + (lev * 3 + r % 3) * 2 * stride  # this row's S slot (T follows it)
+                if lev == 0:  # G[p, q] = sum_c x_c[p] z_c[q], then the row pass
+                    for ch in range(nch):
+                        xo, zo, vo = u(ch * plane + px), u(ch * plane + qz), u(lanes)
+                        for e in range(u(stride)):
+                            vs[vo + e] = xb[xo + e] * zb[zo + e] if ch == 0 else vs[vo + e] + xb[xo + e] * zb[zo + e]
+                    _row_pass(vs, ring, u(o), ww, u(lanes), u(stride), cut_c)
+                    continue
+                m = (lev - 1) * plane + lanes
+                pb = rb + (lev - 1) * 6 * stride + lanes  # level lev - 1, first entry (not the zero one) of a row
+                su, sm, sd = pb + ((r - 1) % 3) * 2 * stride, pb + (r % 3) * 2 * stride, pb + ((r + 1) % 3) * 2 * stride
+                _v_row(ring, u(su), u(sm), u(sd), u(su + stride), u(sm + stride), u(sd + stride), vs, vt, u(2 * lanes),
+                       axb, azb, rxb, rzb, u(m + px), u(m + qz), u(nw), lev == 1, fix)
+                if lev < nl:
+                    _row_pass(vs, ring, u(o), ww, u(lanes), u(stride), cut_c)
+                    _row_pass(vt, ring, u(o + stride), ww, u(lanes), u(stride), cut_c)
+                else:  # the last layer: column sums over the tile rows in float32
+                    vo, ao = u(2 * lanes), u(tt * nw)
+                    for e in range(u(nw)):
+                        x = vt[vo + e] - vs[vo + e] if fix else vt[vo + e]
+                        acc[ao + e] = x if r == 1 else acc[ao + e] + x
+    for tt in range(ntile):  # then over the columns in float64, tile by tile
+        for j in range(ww):
+            for k in range(lanes):
+                tot[k] += acc[tt * nw + j * lanes + k]
 
 
 @nb.njit(**_JIT)
@@ -197,8 +208,8 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
     nbatch = (n + lanes - 1) // lanes
     for c in nb.prange(chunks):
         size = hh * (ww + 1) * lanes + lanes  # a plane of the per-image stacks
-        s = np.zeros((hh + 3) * (ww + 1) * lanes + lanes, np.float32)
-        t, hs, ht = np.zeros_like(s), np.zeros_like(s), np.zeros_like(s)
+        ring = np.zeros(TILE_GROUP * nl * 6 * (ww + 1) * lanes + lanes, np.float32)
+        vs, vt = np.zeros((ww + 3) * lanes, np.float32), np.zeros((ww + 3) * lanes, np.float32)
         xp = np.empty(nch * hh * ww * lanes, np.float32)
         xb, zb = np.zeros(nch * size, np.float32), np.zeros(nch * size, np.float32)
         axp, rxp = np.empty(nl * hh * ww * lanes, np.float32), np.empty(nl * hh * ww * lanes, np.float32)
@@ -206,7 +217,7 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
         rxb, azb, rzb = np.zeros_like(axb), np.zeros_like(axb), np.zeros_like(axb)
         pi = np.empty(lanes, np.int64)
         pj = np.empty(lanes, np.int64)
-        acc = np.empty(ww * lanes, np.float32)
+        acc = np.empty(TILE_GROUP * ww * lanes, np.float32)
         tot = np.empty(lanes, np.float64)
         for bt in range(c * nbatch // chunks, (c + 1) * nbatch // chunks):
             for k in range(lanes):  # lanes past the last pair repeat the batch's first pair; their results are dropped
@@ -223,8 +234,10 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
                 _rotate(xp, xb, a, hh, ww, lanes)
                 _rotate(axp, axb, a, hh, ww, lanes)
                 _rotate(rxp, rxb, a, hh, ww, lanes)
-                for b in range(hh if gap else 1):
-                    _tile(xb, zb, axb, azb, rxb, rzb, b, a, hh, ww, nch, nl, lanes, fix, s, t, hs, ht, acc, tot)
+                nb_ = hh if gap else 1
+                for b0 in range(0, nb_, TILE_GROUP):
+                    _tiles(xb, zb, axb, azb, rxb, rzb, b0, min(TILE_GROUP, nb_ - b0), a, hh, ww, nch, nl, lanes, fix,
+                           ring, vs, vt, acc, tot)
             for k in range(lanes):
                 if bt * lanes + k < n:
                     out[bt * lanes + k] = tot[k] / float(hh * ww) ** 2 if gap else tot[k]
