@@ -56,6 +56,7 @@ def clock_ghz() -> float:
 
 
 def omniglot_images(n: int, size: int = 28) -> np.ndarray:
+    """n standardised images of two evaluation alphabets (920 images), drawn without replacement."""
     ds = load_omniglot(resolve_data_root(None), "evaluation", image_size=size, alphabets=["Angelic", "Keble"])
     mean, std = fit_standardiser(ds.images)
     idx = np.random.default_rng(0).choice(len(ds.images), n, replace=False)
@@ -125,13 +126,13 @@ def cost_table(a, ghz: float) -> None:
           "limit us/pair | fraction of limit |")
     print("|---|---|---|---|---|---|---|---|")
     for size in map(int, a.sizes.split(",")):
-        x = omniglot_images(40, size)
+        n = a.batches * batch_lanes(size) * threads  # --batches batches per thread per timed call
+        x = omniglot_images(1 + n, size)  # x[0] against the n others: n pairs
         for d in map(int, a.depths.split(",")):
             l = scale_maps(x, d)
             cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)
             entries = size ** 4
-            n = a.batches * batch_lanes(size) * threads  # --batches batches per thread per timed call
-            t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[8:8 + n], l[8:8 + n], depth=d), a.repeats) / n
+            t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[1:], l[1:], depth=d), a.repeats) / n
             flop = flop_per_entry(x.shape[1], d)
             limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
             ns = 1e9 * t * threads / (entries * (d - 1))
