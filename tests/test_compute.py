@@ -28,10 +28,10 @@ ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
 
 
 def fault_config(tmp: Path, **changes) -> Path:
-    """The smoke experiment with tiles slow enough (~0.5 s at depth 24 with the lane-batched kernel) to be killed
-    in the middle."""
+    """The smoke experiment with tiles slow enough to be killed in the middle: 20 tiles of up to 256 pairs of 16x16
+    images at depth 36, about 0.3 s of one core each with the wavefront CPU kernel."""
     text = (REPO / "configs" / "smoke.toml").read_text()
-    subs = {"image_size = 10": "image_size = 14", "pad = 12": "pad = 16", "depth = 3": "depth = 24",
+    subs = {"image_size = 10": "image_size = 14", "pad = 12": "pad = 16", "depth = 3": "depth = 36",
             "tile_size = 8": "tile_size = 16"}
     subs.update(changes)
     for a, b in subs.items():
@@ -158,7 +158,9 @@ def test_driver_sigkilled_at_random_moments_then_resumed_bit_identical(workdir, 
         before = tiles_done(store)
         p = start_driver(cfg, store)
         wait_for(lambda: tiles_done(store) > before, timeout=60)  # let it make some progress...
-        time.sleep(rng.uniform(0.0, 1.5))                         # ...then kill it at a random moment
+        deadline = time.monotonic() + rng.uniform(0.0, 1.5)       # ...then kill it at a random moment, but
+        while time.monotonic() < deadline and tiles_done(store) < 12:  # before it can finish (4 tiles in flight)
+            time.sleep(0.05)
         kill_group(p)
         progress.append(tiles_done(store))
     done_before = tiles_done(store)
@@ -266,7 +268,7 @@ def test_changed_config_or_tile_size_is_refused_and_nothing_changes(workdir, ref
     before = open_store(ref_store).records().copy()
     other = fault_config(workdir, **{"depth = 3": "depth = 5"})
     r = cli("compute-kernel", "--config", other, "--store", ref_store, "--no-progress")
-    assert r.returncode != 0 and "kernel.depth: store has 24, now 5" in r.stderr
+    assert r.returncode != 0 and "kernel.depth: store has 36, now 5" in r.stderr
     r = cli("compute-kernel", "--config", reference[0], "--store", ref_store, "--tile-size", "8", "--no-progress")
     assert r.returncode != 0 and "compute.tile_size: store has 16, now 8" in r.stderr
     assert np.array_equal(open_store(ref_store).records(), before)
