@@ -132,16 +132,15 @@ def _tiles(xb, zb, axb, azb, rxb, rzb, b0, ntile, a, hh, ww, nch, nl, lanes, fix
                 b = b0 + tt
                 cut_r = hh - b  # first row of the second piece, whose p rows are i + b - H
                 rb = lanes + tt * per_tile
+                o = rb + (lev * 3 + r % 3) * 2 * stride  # this row's S slot in level lev's ring (T follows it)
                 if r == 0 or r == cut_r + 1 or r == hh + 2:  # a zero row
                     if lev < nl:
-                        o = rb + (lev * 3 + r % 3) * 2 * stride
                         ring[o:o + 2 * stride] = 0.0
                     continue
                 if r <= cut_r:  # offsets of the row's p and q rows in the per-image planes
                     px, qz = (b + r - 1) * stride, (r - 1) * stride
                 else:
                     px, qz = (r - cut_r - 2) * stride, (r - 2) * stride
-                o = rb + (lev * 3 + r % 3) * 2 * stride  # this row's S slot (T follows it)
                 if lev == 0:  # G[p, q] = sum_c x_c[p] z_c[q], then the row pass
                     for ch in range(nch):
                         xo, zo, vo = u(ch * plane + px), u(ch * plane + qz), u(lanes)
@@ -185,7 +184,7 @@ def _interleave(src, idx, out, lanes, pad):
 
 @nb.njit(**_JIT)
 def _rotate(src, dst, a, hh, ww, lanes):
-    """dst[., r, 1 + j] = src[., r, (j + a) mod W]: rows of W entries (src) into the padded layout of _tile."""
+    """dst[., r, 1 + j] = src[., r, (j + a) mod W]: rows of W entries (src) into the padded layout of _tiles."""
     rowlen, stride = ww * lanes, (ww + 1) * lanes
     plane = hh * stride + lanes
     sh = a * lanes
@@ -206,6 +205,7 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
     nl = a1.shape[1]
     n = ii.shape[0]
     nbatch = (n + lanes - 1) // lanes
+    n_b = hh if gap else 1  # tiles (b, a) per column shift a
     for c in nb.prange(chunks):
         size = hh * (ww + 1) * lanes + lanes  # a plane of the per-image stacks
         ring = np.zeros(TILE_GROUP * nl * 6 * (ww + 1) * lanes + lanes, np.float32)
@@ -234,9 +234,8 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
                 _rotate(xp, xb, a, hh, ww, lanes)
                 _rotate(axp, axb, a, hh, ww, lanes)
                 _rotate(rxp, rxb, a, hh, ww, lanes)
-                nb_ = hh if gap else 1
-                for b0 in range(0, nb_, TILE_GROUP):
-                    _tiles(xb, zb, axb, azb, rxb, rzb, b0, min(TILE_GROUP, nb_ - b0), a, hh, ww, nch, nl, lanes, fix,
+                for b0 in range(0, n_b, TILE_GROUP):
+                    _tiles(xb, zb, axb, azb, rxb, rzb, b0, min(TILE_GROUP, n_b - b0), a, hh, ww, nch, nl, lanes, fix,
                            ring, vs, vt, acc, tot)
             for k in range(lanes):
                 if bt * lanes + k < n:
@@ -244,9 +243,9 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
 
 
 def batch_lanes(w: int) -> int:
-    """Pairs per batch: 16 (one 512-bit vector of float32, aligned neighbours in the row pass; 8 lanes were 10%
-    slower at 28x28 here), 32 for images narrower than 16, whose rows would otherwise be too short to hide the
-    loop overhead."""
+    """Pairs per batch: 16 (64-byte entries; 8 lanes were 10% slower at 28x28 on AMD Zen 4 and 3% slower on the
+    Intel machine of docs/benchmarks.md), 32 for images narrower than 16, whose rows would otherwise be too short
+    to hide the loop overhead."""
     return 32 if w < 16 else 16
 
 
