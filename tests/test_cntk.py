@@ -161,7 +161,7 @@ def test_cpu_64x64_matches_oracle():
     assert rel_err(cntk(x1, x2, depth=3, backend="cpu"), ref) <= 2e-5
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 11), (1, 17, 16)], ids=["32-lanes", "16-lanes"])
+@pytest.mark.parametrize("shape", [(2, 9, 11), (2, 9, 13), (1, 17, 16)], ids=["64-lanes", "32-lanes", "16-lanes"])
 def test_cpu_block_bits_do_not_depend_on_batching(shape):
     """K(x_i, x_j) has the same bits in any block it is computed in (batches, lanes and threads differ), as long as
     x_i stays on the row side (the symmetric Gram computes i <= j and mirrors it)."""
@@ -170,6 +170,31 @@ def test_cpu_block_bits_do_not_depend_on_batching(shape):
     np.testing.assert_array_equal(cntk(x[3:5], x[5:19], depth=5, backend="cpu"), k[3:5, 5:19])
     np.testing.assert_array_equal(cntk(x[7:16], depth=5, backend="cpu"), k[7:16, 7:16])
     np.testing.assert_array_equal(cntk(x[:1], x[20:], depth=5, backend="cpu"), k[:1, 20:])
+
+
+@pytest.mark.parametrize("ring_bytes", [1, 160_000, 230_000], ids=["1 tile", "2 tiles", "3 tiles"])
+def test_cpu_bits_do_not_depend_on_the_tile_group(monkeypatch, ring_bytes):
+    """However many tiles run side by side (as many as keep their rings within RING_BYTES: 4 here by default), the
+    Gram has the same bits."""
+    from mnkpipe.kernels import cntk_cpu
+
+    x = np.random.default_rng(12).normal(size=(9, 1, 11, 13))
+    assert cntk_cpu.tile_group(13, 8) == 4
+    k = cntk(x, depth=8, backend="cpu")
+    monkeypatch.setattr(cntk_cpu, "RING_BYTES", ring_bytes)
+    assert cntk_cpu.tile_group(13, 8) == {1: 1, 160_000: 2, 230_000: 3}[ring_bytes]
+    np.testing.assert_array_equal(cntk(x, depth=8, backend="cpu"), k)
+
+
+def test_cpu_group_shrinks_at_depth_and_buffers_are_cache_line_aligned():
+    """28x28: four tiles side by side up to depth 11, two at depth 20 (their 6 (d - 1) ring rows of 29 x 16 floats
+    each stay within 512 KB); the kernel's work buffers start on a 64-byte boundary whatever numba allocates."""
+    from mnkpipe.kernels.cntk_cpu import _zeros64, tile_group
+
+    assert [tile_group(28, d) for d in (2, 3, 10, 11, 20, 40)] == [4, 4, 4, 4, 2, 1]
+    for n in (1, 17, 1000, 123_457):
+        z = _zeros64(n)
+        assert z.ctypes.data % 64 == 0 and z.shape == (n,) and z.dtype == np.float32 and not z.any()
 
 
 def test_block_from_float32_inputs_of_tiny_magnitude():

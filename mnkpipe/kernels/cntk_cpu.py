@@ -6,13 +6,15 @@ tiles of H x W entries (as in cntk_fused.cu): tile (b, a), indexed by q = (i, j)
 p = ((i + b) mod H, (j + a) mod W); it is made of up to four slabs, separated by cuts at row H - b and column W - a,
 which the box filter does not cross.
 Layout: a batch of `lanes` pairs runs in lock step, each tile entry holding one float32 per pair side by side
-(16 lanes; 32 below W = 16, whose rows are short). A row is W + 1 entries, a zero entry first, so the box filter's
-row pass is one loop over a whole row (the zero entries are the edges; the two entries beside the column cut are
-redone). The tile's two row pieces (rows i < H - b, whose p rows are i + b, and the rest) lie between zero rows.
+(16 lanes; 32 below W = 16 and 64 below W = 12, whose rows are short). A row is W + 1 entries, a zero entry first,
+so the box filter's row pass is one loop over a whole row (the zero entries are the edges; the two entries beside
+the column cut are redone). The tile's two row pieces (rows i < H - b, whose p rows are i + b, and the rest) lie
+between zero rows.
 Order: a wavefront over the rows (_tiles). Level 0 of row r is the row-passed G, level l the row-passed S and T
 after layer l; level l of row r needs level l - 1 of rows r - 1, r, r + 1, so one step computes, level by level,
 row k - l of each level l. Each level keeps its last three rows, so a tile's state is a few KB per layer instead
-of four whole planes that go through the L2 cache every layer; four tiles run side by side and share the map rows.
+of four whole planes that go through the L2 cache every layer; up to four tiles run side by side and share the map
+rows.
 The x-side inputs are rotated by a columns once per a, so the p rows of a piece are contiguous rows of them.
 The per-image inputs of a batch (images, maps a = l / sqrt(9 pi), reciprocals r = 1 / l) are interleaved once per
 batch, so V needs no division, no 1/(9 pi) multiply and no l_x l_z rebuilt from short rows.
@@ -34,8 +36,11 @@ RHO_SNAP32 = 4e-6
 L_TINY = 1e-18
 _PI = np.float32(math.pi)
 _INV_9PI = np.float32(1.0 / (9.0 * math.pi))
-# Tiles (b, a) of one a computed side by side: 4 was 3.5% faster than 1 at 28x28 (the maps of depth 10 are 2 MB).
+# Tiles (b, a) of one a computed side by side share the map rows they read while those are cached: at most 4 (3.5%
+# faster than 1 at 28x28, depth 10), and only as many as keep the group's rings within RING_BYTES, half the 1 MB L2
+# cache of AMD Zen 5 (at depth 20, 2 tiles were 12% faster there than 4, whose 850 KB of rings spilled the L2).
 TILE_GROUP = 4
+RING_BYTES = 512 * 1024
 # fastmath without "reassoc": LLVM may not reorder float sums. Elementwise loops vectorise without it, and the
 # result no longer depends on how a particular process's compile happened to order the IR (bit-identical Grams).
 # error_model="numpy": no ZeroDivisionError branches, which would keep the vectoriser away.
@@ -198,9 +203,19 @@ def _rotate(src, dst, a, hh, ww, lanes):
             d2[e] = tail[e]
 
 
+@nb.njit(**_JIT)
+def _zeros64(n):
+    """np.zeros(n, float32) starting on a 64-byte boundary, so that a 16-lane entry is one cache line: numba's arrays
+    are 32-byte aligned, and on AMD Zen 5 the loads across two lines made the kernel 1.1x to 1.3x slower."""
+    buf = np.zeros(n + 16, np.float32)
+    s = (-(buf.ctypes.data >> 2)) & 15
+    return buf[s:s + n]
+
+
 @nb.njit(parallel=True, **_JIT)
-def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
-    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair: batches of `lanes` pairs, parallel chunks of batches."""
+def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, group, out, chunks):
+    """out[k] = K(x1[ii[k]], x2[jj[k]]) for every listed pair: batches of `lanes` pairs, parallel chunks of batches,
+    `group` tiles side by side."""
     nch, hh, ww = x1.shape[1], x1.shape[2], x1.shape[3]
     nl = a1.shape[1]
     n = ii.shape[0]
@@ -208,16 +223,15 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
     n_b = hh if gap else 1  # tiles (b, a) per column shift a
     for c in nb.prange(chunks):
         size = hh * (ww + 1) * lanes + lanes  # a plane of the per-image stacks
-        ring = np.zeros(TILE_GROUP * nl * 6 * (ww + 1) * lanes + lanes, np.float32)
-        vs, vt = np.zeros((ww + 3) * lanes, np.float32), np.zeros((ww + 3) * lanes, np.float32)
-        xp = np.empty(nch * hh * ww * lanes, np.float32)
-        xb, zb = np.zeros(nch * size, np.float32), np.zeros(nch * size, np.float32)
-        axp, rxp = np.empty(nl * hh * ww * lanes, np.float32), np.empty(nl * hh * ww * lanes, np.float32)
-        axb = np.zeros(nl * size, np.float32)
-        rxb, azb, rzb = np.zeros_like(axb), np.zeros_like(axb), np.zeros_like(axb)
+        ring = _zeros64(group * nl * 6 * (ww + 1) * lanes + lanes)
+        vs, vt = _zeros64((ww + 3) * lanes), _zeros64((ww + 3) * lanes)
+        xp = _zeros64(nch * hh * ww * lanes)
+        xb, zb = _zeros64(nch * size), _zeros64(nch * size)
+        axp, rxp = _zeros64(nl * hh * ww * lanes), _zeros64(nl * hh * ww * lanes)
+        axb, rxb, azb, rzb = _zeros64(nl * size), _zeros64(nl * size), _zeros64(nl * size), _zeros64(nl * size)
         pi = np.empty(lanes, np.int64)
         pj = np.empty(lanes, np.int64)
-        acc = np.empty(TILE_GROUP * ww * lanes, np.float32)
+        acc = _zeros64(group * ww * lanes)
         tot = np.empty(lanes, np.float64)
         for bt in range(c * nbatch // chunks, (c + 1) * nbatch // chunks):
             for k in range(lanes):  # lanes past the last pair repeat the batch's first pair; their results are dropped
@@ -234,8 +248,8 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
                 _rotate(xp, xb, a, hh, ww, lanes)
                 _rotate(axp, axb, a, hh, ww, lanes)
                 _rotate(rxp, rxb, a, hh, ww, lanes)
-                for b0 in range(0, n_b, TILE_GROUP):
-                    _tiles(xb, zb, axb, azb, rxb, rzb, b0, min(TILE_GROUP, n_b - b0), a, hh, ww, nch, nl, lanes, fix,
+                for b0 in range(0, n_b, group):
+                    _tiles(xb, zb, axb, azb, rxb, rzb, b0, min(group, n_b - b0), a, hh, ww, nch, nl, lanes, fix,
                            ring, vs, vt, acc, tot)
             for k in range(lanes):
                 if bt * lanes + k < n:
@@ -244,9 +258,16 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, out, chunks):
 
 def batch_lanes(w: int) -> int:
     """Pairs per batch: 16 (64-byte entries; 8 lanes were 10% slower at 28x28 on AMD Zen 4 and 3% slower on the
-    Intel machine of docs/benchmarks.md), 32 for images narrower than 16, whose rows would otherwise be too short
-    to hide the loop overhead."""
-    return 32 if w < 16 else 16
+    Intel machine of docs/benchmarks.md), more for narrow images, whose rows would otherwise be too short to hide
+    the loop overhead: 32 below W = 16, 64 below W = 12 (8x8 on AMD Zen 5: 1.17x faster than 32 at depth 3, 1.05x
+    at depth 10)."""
+    return 64 if w < 12 else 32 if w < 16 else 16
+
+
+def tile_group(w: int, depth: int) -> int:
+    """Tiles side by side: up to TILE_GROUP, as many as keep their rings (6 (depth - 1) rows each) within RING_BYTES."""
+    ring = 6 * max(depth - 1, 1) * (w + 1) * batch_lanes(w) * 4
+    return max(1, min(TILE_GROUP, RING_BYTES // ring))
 
 
 def lane_maps(l) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +291,8 @@ def cntk_block_cpu(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = 
         lanes = batch_lanes(x1.shape[3])
         nbatch = -(-len(ii) // lanes)
         chunks = min(nbatch, 4 * nb.get_num_threads())  # a few chunks per thread balance the load
-        _pairs(x1, a1, r1, x2, a2, r2, ii.astype(np.int64), jj.astype(np.int64), gap, fix, lanes, vals, chunks)
+        _pairs(x1, a1, r1, x2, a2, r2, ii.astype(np.int64), jj.astype(np.int64), gap, fix, lanes,
+               tile_group(x1.shape[3], depth), vals, chunks)
     k = np.empty((n1, n2), np.float64)
     k[ii, jj] = vals
     if upper:
