@@ -2,7 +2,7 @@
 by image size and depth against the arithmetic limit; peak memory.
 
     .venv/bin/python bench/cntk_cpu.py [--depths 3,10,20] [--pairs-ref 1] [--pairs-cpu 64] [--sizes 8,12,16,28]
-                                       [--threads N] [--skip-reference]
+                                       [--rows 8] [--flop-per-cycle 32] [--threads N] [--skip-reference]
 
 Prints Markdown tables (medians of --repeats calls, the same statistic for both backends) for docs/benchmarks.md,
 with the load averages before and after. The reference and the cpu backend are called in turn, one call of each
@@ -11,9 +11,11 @@ The speed-up is of wall times (cpu backend on all numba threads vs the single-th
 CPU-seconds ratio (reference CPU time / cpu backend CPU time of all its threads) is the speed-up per core, which
 other processes on the machine disturb less.
 The limit: FLOP_PER_ENTRY(C, d) floating-point operations per kernel entry (pair x entry of the 4-D recursion),
-at 2 FMA x 8 float32 lanes x 2 flop = 32 flop per cycle per core (two 256-bit FMA pipes: AMD Zen 4, where 512-bit
-instructions are split in two, and Intel cores with one 512-bit FMA unit) and the clock measured by a dependency
-chain, on all numba threads.
+at --flop-per-cycle per core and the clock measured by a dependency chain, on all numba threads. The default, 2 FMA
+x 8 float32 lanes x 2 flop = 32, is for two 256-bit FMA pipes (AMD Zen 4, where 512-bit instructions are split in
+two, and Intel cores with one 512-bit FMA unit); AMD Zen 5 server cores have two full 512-bit FMA pipes: 64.
+The cost table times blocks of --rows images against the rest, as Gram tiles are: a call of few pairs is dominated
+by the setup of its batches (at 8x8 on 2 threads, 128 pairs a call cost 1.1x to 1.3x more per pair than 1024).
 """
 
 import argparse
@@ -30,7 +32,6 @@ from mnkpipe.kernels import scale_maps
 from mnkpipe.kernels.cntk_cpu import batch_lanes, cntk_block_cpu
 from mnkpipe.kernels.cntk_reference import cntk_pair
 
-FLOP_PER_CYCLE = 32  # per core: two 256-bit FMA units, 8 float32 lanes, 2 flop per FMA
 
 
 def flop_per_entry(c: int, depth: int) -> int:
@@ -120,21 +121,22 @@ def speedup_table(a) -> None:
 
 def cost_table(a, ghz: float) -> None:
     threads = numba.get_num_threads()
-    print(f"\ncpu backend, {threads} threads, GAP, Omniglot resized; clock {ghz:.2f} GHz (measured); limit = "
-          f"flop per entry / ({FLOP_PER_CYCLE} flop/cycle x {ghz:.2f} GHz x {threads} cores)\n")
+    print(f"\ncpu backend, {threads} threads, GAP, Omniglot resized, {a.rows} x n blocks; clock {ghz:.2f} GHz "
+          f"(measured); limit = flop per entry / ({a.flop_per_cycle} flop/cycle x {ghz:.2f} GHz x {threads} cores)\n")
     print("| size | depth | us/pair | pairs/s | ns per entry per layer (x cores) | flop per entry | "
           "limit us/pair | fraction of limit |")
     print("|---|---|---|---|---|---|---|---|")
     for size in map(int, a.sizes.split(",")):
-        n = a.batches * batch_lanes(size) * threads  # --batches batches per thread per timed call
-        x = omniglot_images(1 + n, size)  # x[0] against the n others: n pairs
+        n = a.batches * batch_lanes(size) * threads  # --batches batches per thread per row of a timed call
+        x = omniglot_images(a.rows + n, size)  # x[:rows] against the n others: rows x n pairs
         for d in map(int, a.depths.split(",")):
             l = scale_maps(x, d)
             cntk_block_cpu(x[:1], l[:1], x[1:3], l[1:3], depth=d)
             entries = size ** 4
-            t = time_it(lambda: cntk_block_cpu(x[:1], l[:1], x[1:], l[1:], depth=d), a.repeats) / n
+            t = time_it(lambda: cntk_block_cpu(x[:a.rows], l[:a.rows], x[a.rows:], l[a.rows:], depth=d),
+                        a.repeats) / (a.rows * n)
             flop = flop_per_entry(x.shape[1], d)
-            limit = entries * flop / (FLOP_PER_CYCLE * ghz * 1e9 * threads)
+            limit = entries * flop / (a.flop_per_cycle * ghz * 1e9 * threads)
             ns = 1e9 * t * threads / (entries * (d - 1))
             print(f"| {size}x{size} | {d} | {1e6 * t:.1f} | {1 / t:,.0f} | {ns:.2f} | "
                   f"{flop} | {1e6 * limit:.1f} | {limit / t:.0%} |", flush=True)
@@ -146,7 +148,11 @@ def main():
     ap.add_argument("--pairs-ref", type=int, default=1, help="pairs per timed call of the reference (slow)")
     ap.add_argument("--pairs-cpu", type=int, default=64, help="pairs per timed call of the cpu backend (64 at 28x28: "
                     "two batches of 16 per thread, so both threads work all the call)")
-    ap.add_argument("--batches", type=int, default=2, help="batches per thread per timed call of the cost table")
+    ap.add_argument("--batches", type=int, default=2, help="batches per thread per row of a timed call of the cost "
+                    "table")
+    ap.add_argument("--rows", type=int, default=8, help="images on the row side of the cost table's blocks")
+    ap.add_argument("--flop-per-cycle", type=int, default=32, help="the limit's flop per cycle per core (64 on AMD "
+                    "Zen 5 server cores)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median counts")
     ap.add_argument("--size", type=int, default=28, help="image size of the speed-up table")
     ap.add_argument("--sizes", default="", help="image sizes of the cost table (cpu backend only), e.g. 8,12,16,28")
