@@ -33,7 +33,6 @@ from mnkpipe.kernels.cntk_cpu import batch_lanes, cntk_block_cpu
 from mnkpipe.kernels.cntk_reference import cntk_pair
 
 
-
 def flop_per_entry(c: int, depth: int) -> int:
     """G (2C), the first box filter on S (4 adds: 2 in the row pass, 2 in the column pass), d-1 V steps (28 each:
     r_x r_z, a_x a_z, rho = S r_x r_z; 1 - |rho|, 7 FMA of the acos polynomial, u P, pi - acos, 1 + |rho|, u sqrt,

@@ -187,11 +187,11 @@ def test_cpu_bits_do_not_depend_on_the_tile_group(monkeypatch, ring_bytes):
 
 
 def test_cpu_group_shrinks_at_depth_and_buffers_are_cache_line_aligned():
-    """28x28: four tiles side by side up to depth 11, two at depth 20 (their 6 (d - 1) ring rows of 29 x 16 floats
-    each stay within 512 KB); the kernel's work buffers start on a 64-byte boundary whatever numba allocates."""
+    """28x28: four tiles side by side up to depth 12, three at 13, two at 20 (their 6 (d - 1) ring rows of 29 x 16
+    floats each stay within 512 KB); the kernel's work buffers start on a 64-byte boundary whatever numba allocates."""
     from mnkpipe.kernels.cntk_cpu import _zeros64, tile_group
 
-    assert [tile_group(28, d) for d in (2, 3, 10, 11, 20, 40)] == [4, 4, 4, 4, 2, 1]
+    assert [tile_group(28, d) for d in (2, 3, 10, 12, 13, 20, 40)] == [4, 4, 4, 4, 3, 2, 1]
     for n in (1, 17, 1000, 123_457):
         z = _zeros64(n)
         assert z.ctypes.data % 64 == 0 and z.shape == (n,) and z.dtype == np.float32 and not z.any()
