@@ -72,7 +72,7 @@ def replaced(src: str, changes: list[tuple[str, str]], name: str) -> str:
 
 def kernel_variant(changes: list[tuple[str, str]], name: str):
     """cntk_block_cpu of the kernel module with its text replaced (compiled here, not cached: no source file)."""
-    src = replaced(inspect.getsource(cntk_cpu), changes, name).replace('"cache": True', '"cache": False')
+    src = replaced(inspect.getsource(cntk_cpu), changes + [('"cache": True', '"cache": False')], name)
     ns = {"__name__": "cntk_cpu_variant"}
     exec(compile(src, f"<{name}>", "exec"), ns)
     return ns["cntk_block_cpu"]
@@ -89,12 +89,13 @@ def v_loop(v):
     """vs, vt = V(column sums of six ring rows, four map rows), entry by entry: the V loop of _v_row."""
     @nb.njit(**_JIT)
     def run(ring, maps, vs, vt, reps):
-        u, n = np.uint64, np.uint64(len(vs))
+        n = np.uint64(len(vs))
+        o1, o2, o3, o4, o5 = n, 2 * n, 3 * n, 4 * n, 5 * n  # uint64 offsets of the rows after the first
         for _ in range(reps):
             for e in range(n):
-                sv = (ring[e] + ring[n + e]) + ring[2 * n + e]
-                tv = (ring[3 * n + e] + ring[4 * n + e]) + ring[5 * n + e]
-                vs[e], vt[e] = v(sv, tv, maps[e], maps[n + e], maps[u(2) * n + e], maps[u(3) * n + e])
+                sv = (ring[e] + ring[o1 + e]) + ring[o2 + e]
+                tv = (ring[o3 + e] + ring[o4 + e]) + ring[o5 + e]
+                vs[e], vt[e] = v(sv, tv, maps[e], maps[o1 + e], maps[o2 + e], maps[o3 + e])
     return run
 
 
