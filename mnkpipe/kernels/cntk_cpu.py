@@ -221,8 +221,8 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, group, out, chunks):
     n = ii.shape[0]
     nbatch = (n + lanes - 1) // lanes
     n_b = hh if gap else 1  # tiles (b, a) per column shift a
+    size = hh * (ww + 1) * lanes + lanes  # a plane of the per-image stacks
     for c in nb.prange(chunks):
-        size = hh * (ww + 1) * lanes + lanes  # a plane of the per-image stacks
         ring = _zeros64(group * nl * 6 * (ww + 1) * lanes + lanes)
         vs, vt = _zeros64((ww + 3) * lanes), _zeros64((ww + 3) * lanes)
         xp = _zeros64(nch * hh * ww * lanes)
