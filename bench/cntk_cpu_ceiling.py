@@ -23,8 +23,9 @@ from cntk_cpu import clock_ghz, omniglot_images
 from mnkpipe.kernels import cntk_cpu, scale_maps
 
 _JIT = {**cntk_cpu._JIT, "cache": False}  # the kernel's compile flags; variants have no source file to cache
-LANES = 16
+LANES = 16  # the loops' entries: one 512-bit vector of float32
 ENTRIES = 28  # entries per row: one tile row at 28x28
+# the kernel's acos polynomial, verbatim: the text the variants replace (tests/test_bench.py checks it is there)
 _HORNER = """    p = np.float32(-0.0012624911)
     p = p * a + np.float32(0.0066700901)
     p = p * a + np.float32(-0.0170881256)
@@ -166,7 +167,8 @@ def loops(ghz: float, rounds: int) -> None:
 def kernels(a) -> None:
     variants = [("the kernel as it is", cntk_cpu.cntk_block_cpu)]
     variants += [(name, kernel_variant(changes, name)) for name, changes in KERNEL_VARIANTS.items()]
-    n = 2 * LANES * nb.get_num_threads()
+    lanes = cntk_cpu.batch_lanes(28)
+    n = 2 * lanes * nb.get_num_threads()
     x = omniglot_images(a.rows + n, 28)
     print(f"\nThe kernel and its variants, 28x28, {a.rows} x {n} pairs a call, {nb.get_num_threads()} threads; ns per "
           f"entry per layer (x threads), medians of {a.rounds} rounds\n")
@@ -177,7 +179,7 @@ def kernels(a) -> None:
         l = scale_maps(x, d)
         times = {name: [] for name, _ in variants}
         for _, f in variants:
-            f(x[:1], l[:1], x[1:1 + LANES], l[1:1 + LANES], depth=d)  # compile outside the timing
+            f(x[:1], l[:1], x[1:1 + lanes], l[1:1 + lanes], depth=d)  # compile outside the timing
         for _ in range(a.rounds):
             for name, f in variants:
                 t = time.perf_counter()
