@@ -26,40 +26,50 @@ _JIT = {**cntk_cpu._JIT, "cache": False}  # the kernel's compile flags; variants
 LANES = 16  # the loops' entries: one 512-bit vector of float32
 ENTRIES = 28  # entries per row: one tile row at 28x28
 # the kernel's acos polynomial, verbatim: the text the variants replace (tests/test_bench.py checks it is there)
-_HORNER = """    p = np.float32(-0.0012624911)
-    p = p * a + np.float32(0.0066700901)
-    p = p * a + np.float32(-0.0170881256)
-    p = p * a + np.float32(0.0308918810)
-    p = p * a + np.float32(-0.0501743046)
-    p = p * a + np.float32(0.0889789874)
-    p = p * a + np.float32(-0.2145988016)
-    p = p * a + np.float32(1.5707963050)
+_HORNER = """    p = c7
+    p = p * a + c6
+    p = p * a + c5
+    p = p * a + c4
+    p = p * a + c3
+    p = p * a + c2
+    p = p * a + c1
+    p = p * a + c0
 """
 _ESTRIN = """    a2 = a * a
-    p01 = a * np.float32(-0.2145988016) + np.float32(1.5707963050)
-    p23 = a * np.float32(-0.0501743046) + np.float32(0.0889789874)
-    p45 = a * np.float32(-0.0170881256) + np.float32(0.0308918810)
-    p67 = a * np.float32(-0.0012624911) + np.float32(0.0066700901)
+    p01 = a * c1 + c0
+    p23 = a * c3 + c2
+    p45 = a * c5 + c4
+    p67 = a * c7 + c6
     p = (a2 * a2) * (a2 * p67 + p45) + (a2 * p23 + p01)
 """
+# V_CONSTS as a global: numba freezes it, so LLVM sees literals (as before V_CONSTS) and reloads them every iteration
+_LITERALS = [("    one, snap, c7, c6, c5, c4, c3, c2, c1, c0, pi, inv_9pi = vc\n",
+              "    one, snap, c7, c6, c5, c4, c3, c2, c1, c0, pi, inv_9pi = V_CONSTS\n")]
 _NO_SQRT = [("np.float32(math.sqrt(one - a))", "(one - a)"), ("np.float32(math.sqrt(one + a))", "(one + a)")]
 # V's variants (the V loop alone, and in the kernel)
 V_VARIANTS = {
     "V as it is": [],
+    "constants as literals (reloaded every iteration; the same bits)": _LITERALS,
     "no square roots (a multiply each; wrong numbers)": _NO_SQRT,
-    "no acos polynomial (one FMA; wrong numbers)": [(_HORNER, "    p = a * np.float32(-0.2145988016) + np.float32(1.5707963050)\n")],
+    "no acos polynomial (one FMA; wrong numbers)": [(_HORNER, "    p = a * c1 + c0\n")],
     "acos polynomial by Estrin's scheme (other bits)": [(_HORNER, _ESTRIN)],
 }
 # the kernel's variants: replacements in the module's source
+_RING_L1 = [("o = rb + (lev * 3 + r % 3) * 2 * stride", "o = rb + (r % 3) * 2 * stride"),
+            ("pb = rb + (lev - 1) * 6 * stride + lanes", "pb = rb + lanes")]
+_PMAP_L1 = [("u(m + px), u(m + qz)", "u(lanes), u(m + qz)")]
+_QMAP_L1 = [("u(m + qz), u(nw)", "u(lanes), u(nw)")]
 KERNEL_VARIANTS = {
     "acos polynomial by Estrin's scheme (other bits)": [(_HORNER, _ESTRIN)],
     "no square roots (wrong numbers)": _NO_SQRT,
     "rho = S / (9 pi a_x a_z): the r maps not read (other bits)": [
         ("    rho = s * (rx * rz)\n", "    rho = s / max((ax * az) * np.float32(9 * math.pi), np.float32(1e-30))\n")],
-    "ring rows and maps of all levels in one level's rows: in L1 (wrong numbers)": [
-        ("o = rb + (lev * 3 + r % 3) * 2 * stride", "o = rb + (r % 3) * 2 * stride"),
-        ("pb = rb + (lev - 1) * 6 * stride + lanes", "pb = rb + lanes"),
-        ("u(m + px), u(m + qz)", "u(lanes), u(lanes)")],
+    "ring rows and maps of all levels in one level's rows: in L1 (wrong numbers)": _RING_L1 + _PMAP_L1 + _QMAP_L1,
+    "ring rows of all levels in one level's rows (wrong numbers)": _RING_L1,
+    "maps: one row of each, so in L1 (wrong numbers)": _PMAP_L1 + _QMAP_L1,
+    "p-side maps (a_x, r_x): one row, in L1 (wrong numbers)": _PMAP_L1,
+    "q-side maps (a_z, r_z): one row, in L1 (wrong numbers)": _QMAP_L1,
+    "constants as literals, reloaded every iteration (the kernel before V_CONSTS)": _LITERALS,
 }
 
 
@@ -89,14 +99,14 @@ def v_variant(changes: list[tuple[str, str]], name: str):
 def v_loop(v):
     """vs, vt = V(column sums of six ring rows, four map rows), entry by entry: the V loop of _v_row."""
     @nb.njit(**_JIT)
-    def run(ring, maps, vs, vt, reps):
+    def run(ring, maps, vs, vt, vc, reps):
         n = np.uint64(len(vs))
         o1, o2, o3, o4, o5 = n, 2 * n, 3 * n, 4 * n, 5 * n  # uint64 offsets of the rows after the first
         for _ in range(reps):
             for e in range(n):
                 sv = (ring[e] + ring[o1 + e]) + ring[o2 + e]
                 tv = (ring[o3 + e] + ring[o4 + e]) + ring[o5 + e]
-                vs[e], vt[e] = v(sv, tv, maps[e], maps[o1 + e], maps[o2 + e], maps[o3 + e])
+                vs[e], vt[e] = v(sv, tv, maps[e], maps[o1 + e], maps[o2 + e], maps[o3 + e], vc)
     return run
 
 
@@ -160,7 +170,7 @@ def loops(ghz: float, rounds: int) -> None:
         c = cycles_per_entry(f, (x, y), ghz, rounds)
         print(f"| {name} | {c:.2f} | {ops / c:.2f} |", flush=True)
     for name, changes in V_VARIANTS.items():
-        c = cycles_per_entry(v_loop(v_variant(changes, name)), (ring, maps, vs, vt), ghz, rounds)
+        c = cycles_per_entry(v_loop(v_variant(changes, name)), (ring, maps, vs, vt, cntk_cpu.V_CONSTS), ghz, rounds)
         print(f"| V row loop: {name} | {c:.2f} | |", flush=True)
 
 
