@@ -110,6 +110,39 @@ def v_loop(v):
     return run
 
 
+def row_pass_loops(v):
+    """The V row loop and the row passes of its output, apart (as the kernel runs them) and fused: the fused loop
+    makes the row pass of the level below's row (ps, pt: W entries between zero entries) on the way, stores it (rs,
+    rt) and uses it as the down row of the column sum. Rows of len(rs) floats; the numbers differ, only times count."""
+    @nb.njit(**_JIT)
+    def apart(ring, maps, ps, pt, vs, vt, rs, rt, vc, reps):
+        n, lanes = np.uint64(len(rs)), np.uint64(LANES)
+        o1, o2, o3, o4, o5 = n, 2 * n, 3 * n, 4 * n, 5 * n
+        for _ in range(reps):
+            for e in range(n):
+                sv = (ring[e] + ring[o1 + e]) + ring[o2 + e]
+                tv = (ring[o3 + e] + ring[o4 + e]) + ring[o5 + e]
+                vs[lanes + e], vt[lanes + e] = v(sv, tv, maps[e], maps[o1 + e], maps[o2 + e], maps[o3 + e], vc)
+            for e in range(n):
+                rs[e] = (vs[lanes + e] + vs[e]) + vs[lanes + lanes + e]
+            for e in range(n):
+                rt[e] = (vt[lanes + e] + vt[e]) + vt[lanes + lanes + e]
+
+    @nb.njit(**_JIT)
+    def fused(ring, maps, ps, pt, vs, vt, rs, rt, vc, reps):
+        n, lanes = np.uint64(len(rs)), np.uint64(LANES)
+        o1, o3, o4 = n, 3 * n, 4 * n
+        for _ in range(reps):
+            for e in range(n):
+                d = (ps[lanes + e] + ps[e]) + ps[lanes + lanes + e]
+                dt = (pt[lanes + e] + pt[e]) + pt[lanes + lanes + e]
+                rs[e], rt[e] = d, dt
+                sv = (ring[e] + ring[o1 + e]) + d
+                tv = (ring[o3 + e] + ring[o4 + e]) + dt
+                vs[lanes + e], vt[lanes + e] = v(sv, tv, maps[e], maps[o1 + e], maps[o1 + o1 + e], maps[o3 + e], vc)
+    return apart, fused
+
+
 _C = tuple(np.float32(0.5 + 0.01 * i) for i in range(8))
 
 
@@ -172,6 +205,14 @@ def loops(ghz: float, rounds: int) -> None:
     for name, changes in V_VARIANTS.items():
         c = cycles_per_entry(v_loop(v_variant(changes, name)), (ring, maps, vs, vt, cntk_cpu.V_CONSTS), ghz, rounds)
         print(f"| V row loop: {name} | {c:.2f} | |", flush=True)
+    ps, pt, vb, wb = (cntk_cpu._zeros64(n + 2 * LANES) for _ in range(4))
+    ps[LANES:LANES + n], pt[LANES:LANES + n] = 0.1 * rng.random(n), 0.1 * rng.random(n)
+    rs, rt = cntk_cpu._zeros64(n), cntk_cpu._zeros64(n)
+    apart, fused = row_pass_loops(cntk_cpu._v)
+    for name, f in [("V row loop, then the row passes of S and T (the kernel's order)", apart),
+                    ("V row loop with the row passes of the level below fused in", fused)]:
+        c = cycles_per_entry(f, (ring, maps, ps, pt, vb, wb, rs, rt, cntk_cpu.V_CONSTS), ghz, rounds)
+        print(f"| {name} | {c:.2f} | |", flush=True)
 
 
 def kernels(a) -> None:
