@@ -113,7 +113,8 @@ def v_loop(v):
 def row_pass_loops(v):
     """The V row loop and the row passes of its output, apart (as the kernel runs them) and fused: the fused loop
     makes the row pass of the level below's row (ps, pt: W entries between zero entries) on the way, stores it (rs,
-    rt) and uses it as the down row of the column sum. Rows of len(rs) floats; the numbers differ, only times count."""
+    rt) and uses it as the down row of the column sum. Rows of len(rs) floats; the numbers differ, only times count.
+    Both take the same arguments (apart does not read ps, pt), so one call times either."""
     @nb.njit(**_JIT)
     def apart(ring, maps, ps, pt, vs, vt, rs, rt, vc, reps):
         n, lanes = np.uint64(len(rs)), np.uint64(LANES)
@@ -131,7 +132,7 @@ def row_pass_loops(v):
     @nb.njit(**_JIT)
     def fused(ring, maps, ps, pt, vs, vt, rs, rt, vc, reps):
         n, lanes = np.uint64(len(rs)), np.uint64(LANES)
-        o1, o3, o4 = n, 3 * n, 4 * n
+        o1, o2, o3, o4 = n, 2 * n, 3 * n, 4 * n
         for _ in range(reps):
             for e in range(n):
                 d = (ps[lanes + e] + ps[e]) + ps[lanes + lanes + e]
@@ -139,7 +140,7 @@ def row_pass_loops(v):
                 rs[e], rt[e] = d, dt
                 sv = (ring[e] + ring[o1 + e]) + d
                 tv = (ring[o3 + e] + ring[o4 + e]) + dt
-                vs[lanes + e], vt[lanes + e] = v(sv, tv, maps[e], maps[o1 + e], maps[o1 + o1 + e], maps[o3 + e], vc)
+                vs[lanes + e], vt[lanes + e] = v(sv, tv, maps[e], maps[o1 + e], maps[o2 + e], maps[o3 + e], vc)
     return apart, fused
 
 
