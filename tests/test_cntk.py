@@ -197,6 +197,25 @@ def test_cpu_group_shrinks_at_depth_and_buffers_are_cache_line_aligned():
         assert z.ctypes.data % 64 == 0 and z.shape == (n,) and z.dtype == np.float32 and not z.any()
 
 
+def test_cpu_lane_maps_are_the_float64_formula_rounded_once():
+    """The compiled lane maps have numpy's bits: a = float32(l / sqrt(9 pi)), r = float32(1 / l), 0 where l < L_TINY
+    (zero, tiny, huge and infinite l, and a strided slice of the layers)."""
+    import math
+
+    from mnkpipe.kernels.cntk_cpu import L_TINY, lane_maps
+
+    l = np.exp(np.random.default_rng(13).normal(0.0, 30.0, size=(5, 11, 7, 6)))
+    l[0, 0, 0, :] = [0.0, L_TINY, 0.999 * L_TINY, 1e-300, 1e300, np.inf]
+    for v in (l, l[:, :9], l[:, 2:9:2, ::2]):
+        a, r = lane_maps(v)
+        with np.errstate(divide="ignore", over="ignore"):
+            a0 = (v / math.sqrt(9.0 * math.pi)).astype(np.float32)
+            r0 = np.where(v >= L_TINY, 1.0 / v, 0.0).astype(np.float32)
+        assert a.dtype == r.dtype == np.float32 and a.shape == v.shape
+        np.testing.assert_array_equal(a.view(np.uint32), a0.view(np.uint32))
+        np.testing.assert_array_equal(r.view(np.uint32), r0.view(np.uint32))
+
+
 def test_block_from_float32_inputs_of_tiny_magnitude():
     """The worker path: float32 images and float32 scale maps as a store holds them, scaled by 1e-30."""
     from mnkpipe.kernels import cntk_block

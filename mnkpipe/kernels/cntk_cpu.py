@@ -275,12 +275,25 @@ def tile_group(w: int, depth: int) -> int:
     return max(1, min(TILE_GROUP, RING_BYTES // ring))
 
 
+@nb.njit(cache=True)
+def _lane_maps(l, c, a, r):
+    """a = l / c, r = 1 / l (0 where l < L_TINY), each rounded once from float64 to float32. No fastmath: IEEE
+    division, the bits of the same formula in numpy."""
+    for i in range(l.shape[0]):
+        for k in range(l.shape[1]):
+            for h in range(l.shape[2]):
+                for w in range(l.shape[3]):
+                    v = l[i, k, h, w]
+                    a[i, k, h, w] = v / c
+                    r[i, k, h, w] = 1.0 / v if v >= L_TINY else 0.0
+
+
 def lane_maps(l) -> tuple[np.ndarray, np.ndarray]:
-    """(a, r): a = l / sqrt(9 pi) (so a_x a_z = l_x l_z / (9 pi)) and r = 1 / l (0 where l < L_TINY), float32."""
+    """(a, r): a = l / sqrt(9 pi) (so a_x a_z = l_x l_z / (9 pi)) and r = 1 / l (0 where l < L_TINY), float32,
+    for l of shape (n, layers, H, W). One compiled pass: numpy's float64 temporaries took 2% of a 64-pair call."""
     l = np.asarray(l, dtype=np.float64)
-    a = (l / math.sqrt(9.0 * math.pi)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        r = np.where(l >= L_TINY, 1.0 / l, 0.0).astype(np.float32)
+    a, r = np.empty(l.shape, np.float32), np.empty(l.shape, np.float32)
+    _lane_maps(l, math.sqrt(9.0 * math.pi), a, r)
     return a, r
 
 
