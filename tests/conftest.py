@@ -25,11 +25,14 @@ def omniglot_root() -> Path:
     return data_root()
 
 
+GOLDEN = REPO / "tests" / "data" / "cntk_neural_tangents.npz"
+
+
 @pytest.fixture(scope="session")
 def golden():
-    path = SHARED / "golden" / "cntk_neural_tangents.npz"
-    assert path.exists(), f"golden CNTK values missing: {path}"
-    return dict(np.load(path))
+    """neural-tangents' CNTK values (tests/data/README.md says how they were made)."""
+    assert GOLDEN.exists(), f"golden CNTK values missing: {GOLDEN}"
+    return dict(np.load(GOLDEN))
 
 
 # -- Ray processes: tests touch only the Ray instances they started ---------------------------------------------

@@ -27,7 +27,7 @@ from mnkpipe.kernels import cntk_cupy as cc
 from mnkpipe.kernels.scales import scale_maps
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("GOLDEN", REPO.parent / "shared" / "golden" / "cntk_neural_tangents.npz"))
+GOLDEN = Path(os.environ.get("GOLDEN", REPO / "tests" / "data" / "cntk_neural_tangents.npz"))
 TOL = 1e-4
 
 # --------------------------------------------------------------------------------------------------------------
