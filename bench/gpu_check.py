@@ -3,10 +3,11 @@
 Run from the repository root on the device (bench/gpu_check.sh does, with the log under $OUT):
   (a) the fused kernel against the float64 oracle on 50 random pairs (several sizes, depths, gap/vanilla, fix,
       Omniglot-like images with a flat background, a zero image), every output item poisoned first; and against
-      neural-tangents' golden Grams (GOLDEN=path, default shared/golden/cntk_neural_tangents.npz in the repo);
+      neural-tangents' golden Grams (GOLDEN=path, default tests/data/cntk_neural_tangents.npz);
   (b) throughput, pairs/s, at 32x32, depth 20, GAP, for several pairs per launch (cupy events, warm-up, median);
   (c) the seed's per-pair 4-D method ported to cupy (bench/seed_baseline_cupy.py) on the same pairs, and the ratio;
-  (d) mnkpipe.pipeline.local.compute_local(config, store, backend="cupy") if it exists (E2E_CONFIG=path).
+  (d) the tile loop end to end: mnkpipe.pipeline.local.compute_local(config, store, backend="cupy") on
+      configs/gpu_check.toml (E2E_CONFIG=path for another config).
 Prints a summary table last and writes gpu_check.json beside the log.
 """
 
@@ -119,13 +120,13 @@ def part_a(cp, rng, results):
 
 
 def part_a_golden(cp, results):
-    """Against neural-tangents (golden/README.md): c2 inputs are 2x the stored values (no 1/C)."""
+    """Against neural-tangents (tests/data/README.md): c2 inputs are 2x the stored values (no 1/C)."""
     from mnkpipe.kernels import cntk_cupy as cc
     from mnkpipe.kernels.scales import scale_maps
 
-    path = Path(os.environ.get("GOLDEN", REPO / "shared" / "golden" / "cntk_neural_tangents.npz"))
+    path = Path(os.environ.get("GOLDEN", REPO / "tests" / "data" / "cntk_neural_tangents.npz"))
     if not path.exists():
-        log(f"(a') golden values not found at {path}: skipped (set GOLDEN=path or carry shared/golden)")
+        log(f"(a') golden values not found at {path}: skipped (set GOLDEN=path)")
         results.append(dict(part="a-golden", name="golden", ok=None, skipped=f"not found: {path}"))
         return None
     log(f"(a') golden Grams from {path}")
@@ -259,42 +260,22 @@ def part_c(cp, rng, results, x, l, fused_rate, npairs):
 # (d) end to end
 # --------------------------------------------------------------------------------------------------------------
 
-def part_d(results):
-    """compute_local(config, store, backend='cupy') when the pipeline provides it."""
-    log("(d) end to end: mnkpipe.pipeline.local.compute_local")
-    try:
-        from mnkpipe.pipeline.local import compute_local
-    except ImportError as exc:
-        log(f"  skipped: {exc}")
-        results.append(dict(part="d", ok=None, skipped=f"ImportError: {exc}"))
-        return None
-    cfg = os.environ.get("E2E_CONFIG")
-    if not cfg:
-        cands = sorted((REPO / "configs").glob("gpu_check*")) + sorted((REPO / "configs").glob("*smoke*"))
-        cfg = str(cands[0]) if cands else None
-    if not cfg:
-        log("  skipped: no config (set E2E_CONFIG=path or add configs/gpu_check.*)")
-        results.append(dict(part="d", ok=None, skipped="no config"))
-        return None
+def part_d(results, backend="cupy"):
+    """compute_local(config, store, backend): every tile of a fresh store, timed; its returned counts recorded."""
+    from mnkpipe.pipeline.local import compute_local
+
+    cfg = os.environ.get("E2E_CONFIG") or str(REPO / "configs" / "gpu_check.toml")
+    log(f"(d) end to end: mnkpipe.pipeline.local.compute_local({cfg}, backend={backend!r})")
     store = Path(tempfile.mkdtemp(prefix="mnk_e2e_")) / "store.zarr"
-    t = time.perf_counter()
     try:
-        out = compute_local(cfg, str(store), backend="cupy")
+        out = compute_local(cfg, str(store), backend=backend, progress=False)
     except Exception:
         log(traceback.format_exc())
         results.append(dict(part="d", ok=False, config=cfg, error=traceback.format_exc(limit=5)))
         return False
-    sec = time.perf_counter() - t
-    pairs = None
-    if isinstance(out, dict):
-        pairs = out.get("pairs") or out.get("n_pairs") or out.get("entries")
-    elif isinstance(out, (int, np.integer)):
-        pairs = int(out)
-    rate = pairs / sec if pairs else None
-    results.append(dict(part="d", ok=True, config=cfg, seconds=sec, pairs=pairs, pairs_per_s=rate,
-                        returned=repr(out)[:500]))
-    log(f"  compute_local({cfg}) in {sec:.1f}s" + (f": {pairs} pairs, {rate:.0f} pairs/s" if rate else "")
-        + f"; returned {repr(out)[:200]}")
+    results.append(dict(part="d", ok=True, config=cfg, backend=backend, **out))
+    log(f"  {out['tiles']} tiles, {out['pairs']} pairs in {out['seconds']:.1f}s ({out['compute_s']:.1f}s computing): "
+        f"{out['pairs_per_s']:.0f} pairs/s")
     return True
 
 
@@ -375,10 +356,8 @@ def main(argv=None):
     if "d" not in skip:
         ok_d = part_d(results)
         d = [r for r in results if r.get("part") == "d"]
-        summary.append(("(d) compute_local backend=cupy", "skipped" if ok_d is None else
-                        ("ERROR (see log)" if not ok_d else
-                         f"{d[-1]['seconds']:.1f}s" + (f", {d[-1]['pairs_per_s']:,.0f} pairs/s"
-                                                       if d[-1].get("pairs_per_s") else ""))))
+        summary.append(("(d) compute_local backend=cupy", "ERROR (see log)" if not ok_d else
+                        f"{d[-1]['seconds']:.1f}s, {d[-1]['pairs_per_s']:,.0f} pairs/s"))
     _finish(out, seed, info, results, summary)
     failed = ok_a is False or ok_g is False
     return 1 if failed else 0

@@ -4,16 +4,13 @@
 # Run from the repository root on the GPU machine:  bash bench/gpu_check.sh [gpu_check.py options]
 # Log and JSON go to $OUT (or ./gpu_check_out). Finishes in under 8 minutes (pytest capped at 90 s, the check at 420 s).
 # Wheels in .whl/ (bench/prepare_device_wheels.sh) are installed first; the golden file is $GOLDEN, else
-# .devcarry/cntk_neural_tangents.npz, else shared/golden/cntk_neural_tangents.npz (else that part is skipped).
+# tests/data/cntk_neural_tangents.npz. On a machine without a GPU it prints "backend UNAVAILABLE" and exits 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-if [ -z "${GOLDEN:-}" ] && [ -f .devcarry/cntk_neural_tangents.npz ]; then
-  export GOLDEN=$PWD/.devcarry/cntk_neural_tangents.npz
-fi
 if [ -z "${MNKPIPE_DATA:-}" ] && [ -d .devcarry/omniglot ]; then
   export MNKPIPE_DATA=$PWD/.devcarry/omniglot   # for the end-to-end part
 fi
