@@ -19,8 +19,7 @@ The x-side inputs are rotated by a columns once per a, so the p rows of a piece 
 The per-image inputs of a batch (images, maps a = l / sqrt(9 pi), reciprocals r = 1 / l) are interleaved once per
 batch, so V needs no division, no 1/(9 pi) multiply and no l_x l_z rebuilt from short rows.
 Arithmetic is float32; each tile column is summed in float32 per pair and added to the pair's float64 total. A
-pair's arithmetic does not depend on its batch, lane, layout or order: any block of a Gram has the same bits (and
-the same bits as the earlier layouts of this kernel: the order of every sum is unchanged).
+pair's arithmetic does not depend on its batch, lane, layout or order: any block of a Gram has the same bits.
 """
 
 import math
@@ -36,14 +35,13 @@ RHO_SNAP32 = 4e-6
 L_TINY = 1e-18
 # V's constants: 1, the snap distance, the acos polynomial's coefficients (A&S 4.4.46, highest power first), pi and
 # 1/(9 pi). The kernel gets them as an argument, not as literals: LLVM then holds them in vector registers through
-# the V loop instead of reloading each from memory every iteration (13 fewer instructions per entry, 1% to 3% faster
-# at 28x28 on AMD Zen 5; the same bits).
+# the V loop instead of reloading each from memory every iteration (fewer instructions per entry; the same bits).
 V_CONSTS = tuple(np.float32(c) for c in (
     1.0, RHO_SNAP32, -0.0012624911, 0.0066700901, -0.0170881256, 0.0308918810, -0.0501743046, 0.0889789874,
     -0.2145988016, 1.5707963050, math.pi, 1.0 / (9.0 * math.pi)))
-# Tiles (b, a) of one a computed side by side share the map rows they read while those are cached: at most 4 (3.5%
-# faster than 1 at 28x28, depth 10), and only as many as keep the group's rings within RING_BYTES, half the 1 MB L2
-# cache of AMD Zen 5 (at depth 20, 2 tiles were 12% faster there than 4, whose 850 KB of rings spilled the L2).
+# Tiles (b, a) of one a computed side by side share the map rows they read while those are cached: at most 4, and
+# only as many as keep the group's rings within RING_BYTES, half of a 1 MB L2 cache (rings that spill the L2 cost
+# more than the shared reads save).
 TILE_GROUP = 4
 RING_BYTES = 512 * 1024
 # fastmath without "reassoc": LLVM may not reorder float sums. Elementwise loops vectorise without it, and the
@@ -184,7 +182,7 @@ def _interleave(src, idx, out, lanes, pad):
     nc, hh, ww = src.shape[1], src.shape[2], src.shape[3]
     stride = (ww + pad) * lanes
     plane = hh * stride + pad * lanes
-    for c in range(nc):  # the lanes innermost: contiguous writes (the other order was 8% of the time at 8x8)
+    for c in range(nc):  # the lanes innermost: contiguous writes
         for r in range(hh):
             for q in range(ww):
                 o = c * plane + r * stride + (pad + q) * lanes
@@ -211,7 +209,7 @@ def _rotate(src, dst, a, hh, ww, lanes):
 @nb.njit(**_JIT)
 def _zeros64(n):
     """np.zeros(n, float32) starting on a 64-byte boundary, so that a 16-lane entry is one cache line: numba's arrays
-    are 32-byte aligned, and on AMD Zen 5 the loads across two lines made the kernel 1.1x to 1.3x slower."""
+    are only 32-byte aligned, and loads across two cache lines slow the kernel down."""
     buf = np.zeros(n + 16, np.float32)
     s = (-(buf.ctypes.data >> 2)) & 15
     return buf[s:s + n]
@@ -262,10 +260,8 @@ def _pairs(x1, a1, r1, x2, a2, r2, ii, jj, gap, fix, lanes, group, out, chunks, 
 
 
 def batch_lanes(w: int) -> int:
-    """Pairs per batch: 16 (64-byte entries; 8 lanes were 10% slower at 28x28 on AMD Zen 4 and 3% slower on the
-    Intel machine of docs/benchmarks.md), more for narrow images, whose rows would otherwise be too short to hide
-    the loop overhead: 32 below W = 16, 64 below W = 12 (8x8 on AMD Zen 5: 1.17x faster than 32 at depth 3, 1.05x
-    at depth 10)."""
+    """Pairs per batch: 16 (64-byte entries, one cache line), more for narrow images, whose rows would otherwise be
+    too short to hide the loop overhead: 32 below W = 16, 64 below W = 12 (docs/benchmarks.md has the timings)."""
     return 64 if w < 12 else 32 if w < 16 else 16
 
 
@@ -290,7 +286,7 @@ def _lane_maps(l, c, a, r):
 
 def lane_maps(l) -> tuple[np.ndarray, np.ndarray]:
     """(a, r): a = l / sqrt(9 pi) (so a_x a_z = l_x l_z / (9 pi)) and r = 1 / l (0 where l < L_TINY), float32,
-    for l of shape (n, layers, H, W). One compiled pass: numpy's float64 temporaries took 2% of a 64-pair call."""
+    for l of shape (n, layers, H, W). One compiled pass, without numpy's float64 temporaries."""
     l = np.asarray(l, dtype=np.float64)
     a, r = np.empty(l.shape, np.float32), np.empty(l.shape, np.float32)
     _lane_maps(l, math.sqrt(9.0 * math.pi), a, r)
