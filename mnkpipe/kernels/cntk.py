@@ -39,6 +39,11 @@ def cntk_block(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = Fals
 
     K(x, z) = m_x m_z K(x / m_x, z / m_z) with powers of two m = pow2_scale(x): exact, and it keeps the float32
     backends inside their range for any finite input (CupyCNTK does the same on its resident images)."""
+    for name, l in (("l1", l1), ("l2", l2)):  # shallower maps would silently give a shallower kernel
+        if np.ndim(l) != 4 or np.shape(l)[1] < depth - 1:
+            raise ValueError(f"{name} holds scale maps of {np.shape(l)[1] if np.ndim(l) == 4 else '?'} layers "
+                             f"(shape {np.shape(l)}), but depth {depth} needs {depth - 1}: make them with "
+                             f"scale_maps(x, {depth})")
     backend = resolve_backend(backend)
     if backend == "cupy":
         from .cntk_cupy import cntk_block_cupy
