@@ -2,7 +2,7 @@
 
 One pair at a time on the full 4-D tensors M[p, q] of shape (H, W, H, W) in float32: G by a tensordot, then per
 layer two elementwise kernels, one for the ReLU step V and one for the 3x3 diagonal aggregation A of S and T.
-This is the structure SPEC.md sec. 4 describes (~60 launches and ~0.6 GB of memory traffic per 32x32 pair).
+This is the method docs/math.md sec. 3 describes (~60 launches and ~0.6 GB of memory traffic per 32x32 pair).
 """
 
 from __future__ import annotations

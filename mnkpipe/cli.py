@@ -218,7 +218,7 @@ def _show_results(store, out):
 @click.option("--methods", default="mnk,meta_term,r_t,embedding_1nn,pixel_1nn", show_default=True,
               callback=_name_list, help="Kernel methods and ablations to run.")
 @click.option("--labels", default="onehot", show_default=True, callback=_name_list,
-              help="Label mode(s): onehot, embedding, or onehot,embedding (SPEC.md 2.1).")
+              help="Label mode(s): onehot, embedding, or onehot,embedding (docs/math.md sec. 2.3).")
 @click.option("--augment", default="1", show_default=True, callback=_int_list,
               help="Task augmentation K (comma-separated for several): the tasks plus K-1 re-partitions of their "
                    "classes.")

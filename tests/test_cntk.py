@@ -23,7 +23,7 @@ def test_random12_golden(golden, backend, depth, head):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_two_channel_golden(golden, backend):
-    # neural-tangents divides the input covariance by C = 2; SPEC.md does not.
+    # neural-tangents divides the input covariance by C = 2; docs/math.md eq. (1) does not.
     k = cntk(golden["random10c2_x"], depth=4, backend=backend)
     assert rel_err(k, 2 * golden["random10c2_d4_gap"]) <= TOL[backend]
 

@@ -306,7 +306,8 @@ def test_lake_runs_protocol_end_to_end(tmp_path, omniglot_root, monkeypatch_modu
     assert r["n_test_tasks"] == 20 and r["way"] == 20
     for key, m in r["methods"].items():
         assert all(len(pt) == 20 for pt in m["per_task"])
-        if not key.startswith("meta_term"):  # the one-hot meta term alone is at chance by design (SPEC.md 2.1)
+        # the one-hot meta term alone is at chance by design (docs/math.md sec. 2.3)
+        if not key.startswith("meta_term"):
             assert all(1 / 20 <= a <= 1 for a in m["mean"])
 
 

@@ -1,4 +1,5 @@
-"""The label-embedding feature extractor (SPEC 2.1): sizing, exact BatchNorm statistics, determinism, resume."""
+"""The label-embedding feature extractor (docs/math.md sec. 2.3): sizing, exact BatchNorm statistics, determinism,
+resume."""
 import numpy as np
 import pytest
 import torch

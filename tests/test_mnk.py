@@ -1,4 +1,4 @@
-"""Meta Neural Kernel (SPEC.md section 2) against a dense brute force built from explicit finite features."""
+"""Meta Neural Kernel (docs/math.md eqs. (7)-(14)) against a dense brute force built from explicit finite features."""
 
 import itertools
 
@@ -330,8 +330,8 @@ def test_without_diag_reads_only_within_task_query_block():
 
 
 def brute_embedding_predict(feats, emb, train_specs, test_spec, *, ridge, normalise):
-    """SPEC.md 2.1 densely: training targets = class centroids of the embeddings in each task (support and query),
-    test support targets = the support embeddings; F = r_t + psi_t psi_tr^T (Phi + lambda I)^-1 (Y - R)."""
+    """docs/math.md eq. (15) densely: training targets = class centroids of the embeddings in each task (support and
+    query), test support targets = the support embeddings; F = r_t + psi_t psi_tr^T (Phi + lambda I)^-1 (Y - R)."""
     k = feats @ feats.T
     psi_tr, resid = [], []
     for s, sl, q, ql in train_specs:

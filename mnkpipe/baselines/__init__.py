@@ -1,5 +1,5 @@
-"""MAML and iMAML baselines (SPEC section 3): conv-4 net, meta-gradients, training with validation selection;
-the label-embedding feature extractor (SPEC section 2.1)."""
+"""MAML and iMAML baselines (docs/math.md sec. 4): conv-4 net, meta-gradients, training with validation selection;
+the label-embedding feature extractor (docs/math.md sec. 2.3)."""
 from .convnet import make_convnet
 from .extractor import EmbeddingSettings, Extractor, train_extractor
 from .imaml import imaml_hypergrad, imaml_inner

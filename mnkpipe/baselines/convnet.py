@@ -1,4 +1,4 @@
-"""Conv-4 backbone of the MAML / iMAML baselines (SPEC section 3)."""
+"""Conv-4 backbone of the MAML / iMAML baselines (docs/math.md sec. 4)."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,4 @@
-"""The label-embedding feature extractor of SPEC section 2.1: a CNN trained by supervised cross-entropy on the
+"""The label-embedding feature extractor of docs/math.md sec. 2.3: a CNN trained by supervised cross-entropy on the
 training tasks' images (global class labels); its embedding is the D = channels feature before the linear head.
 
 Sizing rule (any image size >= 1, D = channels always): block b's 3x3 conv is unpadded when its input side is >= 4

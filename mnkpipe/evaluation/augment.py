@@ -1,4 +1,4 @@
-"""Task augmentation (SPEC.md 2.1): the same images of the same classes, dealt into new way-way tasks."""
+"""Task augmentation (docs/math.md sec. 2.3): the same images of the same classes, dealt into new way-way tasks."""
 
 import numpy as np
 

@@ -1,5 +1,6 @@
-"""Label modes (SPEC.md 2.1): centred one-hot labels, or label embeddings from a feature extractor trained on the
-images of the training tasks only; their regression targets and how predictions are decoded."""
+"""Label modes (docs/math.md eqs. (13), (15), (16)): centred one-hot labels, or label embeddings from a feature
+extractor trained on the images of the training tasks only; their regression targets and how predictions are
+decoded."""
 
 import hashlib
 import json

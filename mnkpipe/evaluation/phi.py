@@ -1,4 +1,5 @@
-"""Meta-kernel arrays Phi_train (SPEC.md sec. 2) as tiled Zarr groups under the results folder, never in the store.
+"""Meta-kernel arrays Phi_train (docs/math.md eqs. (9), (11)) as tiled Zarr groups under the results folder, never
+in the store.
 
 Each group <results>/phi/<key>/ holds one tiled array `mnk` (with `mnk_plan`, `mnk_crc32`) over the stacked queries
 of its training tasks, and attributes written when the group is created: the Gram store's fingerprint and path and

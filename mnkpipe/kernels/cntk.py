@@ -66,7 +66,8 @@ def cntk_block(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = Fals
 
 
 def cntk(x1, x2=None, *, depth: int, gap: bool = True, fix: bool = False, backend: str = "auto") -> np.ndarray:
-    """Gram K[i, j] = CNTK(x1_i, x2_j) (SPEC.md sec. 1), float64 (N1, N2); x2=None: symmetric, upper triangle only."""
+    """Gram K[i, j] = CNTK(x1_i, x2_j) (docs/math.md eqs. (1)-(6)), float64 (N1, N2); x2=None: symmetric, upper
+    triangle only."""
     if int(depth) != depth or depth < 2:
         raise ValueError(f"depth must be an integer >= 2 (depth - 1 conv layers); got {depth!r}")
     x1 = check_images(x1, "x1")

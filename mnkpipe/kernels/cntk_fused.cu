@@ -1,4 +1,5 @@
-// Fused CNTK kernel (SPEC.md sec. 1): every layer of many (pair, tile) work items in one launch.
+// Fused CNTK kernel (docs/math.md eqs. (1)-(6); tiles as in eq. (21)): every layer of many (pair, tile) work
+// items in one launch.
 //
 // Offsets D = p - q never mix under A(.), so the 4-D recursion of a pair splits into 2-D slabs, one per D. The
 // (2H-1)(2W-1) slabs of a pair pack exactly into H*W full "tiles" of H x W entries: tile (b, a), b < H, a < W,

@@ -32,7 +32,7 @@ def relu_step(s, t, lx, lz):
 
 
 def cntk_pair(x, z, lx, lz, *, depth: int, gap: bool = True, fix: bool = False) -> float:
-    """K(x, z) of SPEC.md sec. 1 for one pair; lx, lz are the scale maps (depth-1, H, W)."""
+    """K(x, z) of docs/math.md eqs. (1)-(6) for one pair; lx, lz are the scale maps (depth-1, H, W)."""
     g = np.einsum("cab,cde->abde", x, z)
     s = aggregate(g)
     t = np.zeros_like(s) if fix else s.copy()

@@ -1,4 +1,4 @@
-"""The Meta Neural Kernel (SPEC.md section 2) on top of a base-kernel block reader; pure numpy, no I/O.
+"""The Meta Neural Kernel (docs/math.md eqs. (7)-(14)) on top of a base-kernel block reader; pure numpy, no I/O.
 
 The base kernel K is reached only through ``kb(rows, cols) -> (len(rows), len(cols))`` float64 blocks of a pool
 of N images. Every function below reads whole blocks, and only these entries are ever read: train x train,

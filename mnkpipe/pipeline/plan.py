@@ -14,7 +14,7 @@ def plan_full(n: int, tile_size: int) -> np.ndarray:
 
 
 def plan_mnk(n: int, tile_size: int, n_train: int, test_tasks: list[np.ndarray]) -> np.ndarray:
-    """Only what MNK reads (SPEC.md sec. 2): train x train, test x train, and each test task with itself."""
+    """Only what MNK reads (docs/math.md eq. (12)): train x train, test x train, and each test task with itself."""
     nb = n_blocks(n, tile_size)
     need = np.zeros((nb, nb), bool)
     train_blocks = np.arange(n_blocks(n_train, tile_size))
