@@ -1,5 +1,6 @@
 """Paired differences between methods of a results.json: on the same test tasks (each task's accuracy averaged
-over the seeds), mean and 95% t-interval over tasks of accuracy(A) - accuracy(B), per number of training tasks.
+over the seeds), mean and 95% t-interval over tasks of accuracy(A) - accuracy(B), per number of training tasks
+(points of A and B paired by that number; a number only one of them holds shows as '-').
 
     .venv/bin/python bench/paired_differences.py RESULTS_JSON A B [B ...]
     .venv/bin/python bench/paired_differences.py docs/results/omniglot-5w1s-cpu/results.json mnk/embedding/K15 \
@@ -7,26 +8,31 @@ over the seeds), mean and 95% t-interval over tasks of accuracy(A) - accuracy(B)
 """
 
 import json
-import math
 import sys
 
-import numpy as np
+from mnkpipe.evaluation.results import paired_differences
 
-from mnkpipe.evaluation.results import _t975
+
+def table(methods: dict, a: str, others) -> str:
+    """Markdown table: one row per method B, one column per number of training tasks of A, in percentage points."""
+    counts = methods[a]["n_train_tasks"]
+    lines = [f"| {a} minus | " + " | ".join(str(n) for n in counts) + " |", "|---|" + "---|" * len(counts)]
+    for b in others:
+        diff = paired_differences(methods[a], methods[b])
+        cells = [f"{100 * diff[n][0]:+.1f} [{100 * diff[n][1]:+.1f}, {100 * diff[n][2]:+.1f}]" if n in diff else "-"
+                 for n in counts]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main():
     path, a, *others = sys.argv[1:]
-    methods = json.loads(open(path).read())["methods"]
-    ra = methods[a]
-    print(f"| {a} minus | " + " | ".join(str(n) for n in ra["n_train_tasks"]) + " |")
-    for b in others:
-        cells = []
-        for pa, pb in zip(ra["per_task"], methods[b]["per_task"]):
-            d = 100 * (np.asarray(pa) - np.asarray(pb))  # d_t = acc_A(t) - acc_B(t), percentage points
-            h = _t975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-            cells.append(f"{d.mean():+.1f} [{d.mean() - h:+.1f}, {d.mean() + h:+.1f}]")
-        print(f"| {b} | " + " | ".join(cells) + " |")
+    with open(path) as f:
+        methods = json.load(f)["methods"]
+    missing = [m for m in [a, *others] if m not in methods]
+    if missing:
+        sys.exit(f"{path}: no method(s) {', '.join(missing)}; it holds {', '.join(sorted(methods))}")
+    print(table(methods, a, others))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from .. import __version__
 
@@ -44,18 +45,32 @@ def ci95(per_task: np.ndarray) -> tuple[float, float, float]:
     m = float(x.mean())
     if len(x) < 2:
         return m, m, m
-    h = _t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    h = t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
     return m, max(0.0, m - h), min(1.0, m + h)
 
 
-def _t975(df: int) -> float:
-    """The 97.5% quantile of Student's t (table for small df, normal approximation with a correction beyond)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-             12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-    if df in table:
-        return table[df]
-    below = max(k for k in table if k <= df) if df > 1 else 1
-    return table[below] if df < 120 else 1.96 + 2.4 / df
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (two-sided 95% interval)."""
+    if df < 1:
+        raise ValueError(f"Student's t needs df >= 1; got {df}")
+    return float(student_t.ppf(0.975, df))
+
+
+def paired_differences(a: dict, b: dict) -> dict[int, tuple[float, float, float]]:
+    """{n: (mean, low, high)} of d_t = acc_A(t) - acc_B(t) over the test tasks t (seed-averaged per_task of two
+    method records), with its 95% t-interval, at each number of training tasks n that both records hold."""
+    pb = dict(zip(b["n_train_tasks"], b["per_task"]))
+    out = {}
+    for n, pa in zip(a["n_train_tasks"], a["per_task"]):
+        if n not in pb:
+            continue
+        if len(pa) != len(pb[n]):
+            raise ValueError(f"at {n} training tasks the records hold {len(pa)} and {len(pb[n])} test tasks: "
+                             "not the same test tasks, so not paired")
+        d = np.asarray(pa, float) - np.asarray(pb[n], float)
+        h = t975(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+        out[int(n)] = (float(d.mean()), float(d.mean()) - h, float(d.mean()) + h)
+    return out
 
 
 def method_record(counts, per: dict, sizes: dict, hyperparameters: dict, note: str | None = None) -> dict:
