@@ -57,11 +57,12 @@ def pool_embeddings(images: np.ndarray, train: TaskSet, settings, *, seed: int, 
 
 def embedding_targets(op: mnk.TaskOps, labels_s, labels_q, emb: np.ndarray, *, test: bool) -> mnk.TaskOps:
     """A training task's targets: each image's class centroid in the task (support and query); a test task's:
-    its support embeddings (and, for its queries, their class's support centroid, never used to predict)."""
+    each support image's class centroid among the support embeddings (1-shot: its own embedding), and for its
+    queries their class's support centroid (never used to predict)."""
     e_s, e_q = emb[op.support], emb[op.query]
     if test:
-        y_s = e_s
-        centroids = {c: e_s[labels_s == c].mean(0) for c in np.unique(labels_s)}
+        y_s = mnk.centroid_targets(e_s, labels_s)
+        centroids = {c: y for c, y in zip(labels_s, y_s)}
         y_q = np.stack([centroids[c] for c in labels_q])
     else:
         y = mnk.centroid_targets(np.concatenate([e_s, e_q]), np.concatenate([labels_s, labels_q]))
@@ -70,7 +71,8 @@ def embedding_targets(op: mnk.TaskOps, labels_s, labels_q, emb: np.ndarray, *, t
 
 
 def decode(scores: np.ndarray, op: mnk.TaskOps, labels_s, mode: str) -> np.ndarray:
-    """Predicted labels: argmax of F for one-hot targets, the label of the nearest support embedding otherwise."""
+    """Predicted labels: argmax of F for one-hot targets, otherwise the label of the nearest test-support target,
+    which is its class centroid (embedding_targets), so the nearest support-class centroid."""
     if mode == "onehot":
         return scores.argmax(1)
     return mnk.nearest_support(scores, op.y_s, labels_s)
