@@ -1,5 +1,7 @@
 """Fast CPU CNTK: a fused numba kernel that runs all layers of a batch of pairs at once, tile by tile.
 
+The slabs and tiles below are those of docs/math.md eqs. (20) and (21).
+
 A(.) never mixes offsets D = p - q, so the 4-D recursion of a pair splits into 2-D slabs, one per D, on each of
 which A is a 3x3 box filter with zero boundary and V is elementwise. The (2H-1)(2W-1) slabs pack exactly into H*W
 tiles of H x W entries (as in cntk_fused.cu): tile (b, a), indexed by q = (i, j), holds the entry (p, q) with
@@ -55,7 +57,8 @@ _JIT = {"fastmath": _FM, "error_model": "numpy", "cache": True}
 def _v(s, t, ax, az, rx, rz, vc):
     """V: rho = S r_x r_z, S' = a_x a_z (rho (pi - theta) + sin theta), T' = T (pi - theta)/(9 pi) + S'.
 
-    theta = acos(rho) by A&S 4.4.46, acos(|rho|) = u P(|rho|) with u = sqrt(1 - |rho|) (|error| <= 2e-8), and
+    docs/math.md eq. (4) with a = l / sqrt(9 pi), r = 1 / l (lane_maps). theta = acos(rho) by A&S 4.4.46,
+    acos(|rho|) = u P(|rho|) with u = sqrt(1 - |rho|) (|error| <= 2e-8), and
     sin theta = sqrt((1 - |rho|)(1 + |rho|)) = u sqrt(1 + |rho|). vc: V_CONSTS."""
     one, snap, c7, c6, c5, c4, c3, c2, c1, c0, pi, inv_9pi = vc
     rho = s * (rx * rz)
@@ -295,7 +298,8 @@ def lane_maps(l) -> tuple[np.ndarray, np.ndarray]:
 
 def cntk_block_cpu(x1, l1, x2, l2, *, depth: int, gap: bool = True, fix: bool = False,
                    upper: bool = False) -> np.ndarray:
-    """K[i, j] = K(x1_i, x2_j) as float64; upper=True (x1 is x2) computes i <= j only and mirrors it."""
+    """K[i, j] = K(x1_i, x2_j) (docs/math.md eqs. (1)-(6)) as float64; upper=True (x1 is x2) computes i <= j only and
+    mirrors it."""
     x1, x2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (x1, x2))
     (a1, r1), (a2, r2) = lane_maps(np.asarray(l1)[:, :depth - 1]), lane_maps(np.asarray(l2)[:, :depth - 1])
     n1, n2 = len(x1), len(x2)

@@ -1,6 +1,7 @@
 """CNTK on an NVIDIA GPU through cupy: one fused kernel (cntk_fused.cu) runs all layers of many pairs per launch.
 
-The kernel splits each pair into H*W tiles of H x W slab entries (see the header of cntk_fused.cu); a work item is
+The kernel splits each pair into H*W tiles of H x W slab entries (docs/math.md eq. (21); the header of
+cntk_fused.cu); a work item is
 (pair, tile). Images and scale maps stay resident on the device; a Gram block is one launch per chunk of pairs, and
 the per-item float64 sums are reduced per pair on the device. cupy is imported lazily: importing this module never
 needs it. The host-side planning below (prepare_images, plan_items, pair_lists, finish) is plain numpy, shared with
@@ -138,7 +139,8 @@ def pair_lists(rows, cols, upper: bool) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def finish(sums: np.ndarray, h: int, w: int, depth: int, gap: bool, scale) -> np.ndarray:
-    """K = m_p m_q (sum of T over all slabs / (HW)^2 (gap), or the D = 0 slab's sum (vanilla trace)) / final_scale.
+    """K = m_p m_q (sum of T over all slabs / (HW)^2 (gap), or the D = 0 slab's sum (vanilla trace)) / final_scale
+    (docs/math.md eq. (6)).
 
     scale: m_p m_q per pair (prepare_images' powers of two)."""
     sums = np.asarray(sums, dtype=np.float64) / final_scale(depth)

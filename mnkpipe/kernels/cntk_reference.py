@@ -10,7 +10,7 @@ RHO_SNAP = 1e-14
 
 
 def aggregate(m: np.ndarray) -> np.ndarray:
-    """A(M)[p, q] = sum_{d in {-1,0,1}^2} M[p+d, q+d], zero outside the image."""
+    """A(M)[p, q] = sum_{d in {-1,0,1}^2} M[p+d, q+d], zero outside the image (docs/math.md eq. (2))."""
     h, w = m.shape[:2]
     p = np.pad(m, 1)
     out = np.zeros_like(m)
@@ -21,7 +21,8 @@ def aggregate(m: np.ndarray) -> np.ndarray:
 
 
 def relu_step(s, t, lx, lz):
-    """V: rho = S/(l_x l_z), S' = o (rho (pi - theta) + sqrt(1 - rho^2)) / (9 pi), T' = T (pi - theta)/(9 pi) + S'."""
+    """V: rho = S/(l_x l_z), S' = o (rho (pi - theta) + sqrt(1 - rho^2)) / (9 pi), T' = T (pi - theta)/(9 pi) + S'
+    (docs/math.md eq. (4); rho = 0 where l_x l_z = 0)."""
     o = lx[:, :, None, None] * lz[None, None, :, :]
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = np.where(o > 0, np.clip(s / o, -1.0, 1.0), 0.0)  # rho = 0 is the limit where o = 0
@@ -49,7 +50,8 @@ def cntk_pair(x, z, lx, lz, *, depth: int, gap: bool = True, fix: bool = False) 
 
 
 def cntk_reference(x1, x2=None, *, depth: int, gap: bool = True, fix: bool = False) -> np.ndarray:
-    """Gram K[i, j] = K(x1_i, x2_j) in float64; x2 = None gives the symmetric Gram of x1 from its upper triangle."""
+    """Gram K[i, j] = K(x1_i, x2_j) (docs/math.md eq. (6)) in float64; x2 = None gives the symmetric Gram of x1
+    from its upper triangle."""
     x1 = np.asarray(x1, dtype=np.float64)
     l1 = scale_maps(x1, depth)
     if x2 is None:

@@ -85,7 +85,8 @@ def _inv_sqrt(d: np.ndarray, scale: float) -> np.ndarray:
 
 
 def centred_onehot(labels, way: int) -> np.ndarray:
-    """Y[i, c] = 1 - 1/C if c = labels[i] else -1/C (C = way): the centred one-hot labels Y, Y'."""
+    """Y[i, c] = 1 - 1/C if c = labels[i] else -1/C (C = way): the centred one-hot labels Y, Y'
+    (docs/math.md eq. (13))."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D; got shape {labels.shape}")
@@ -99,7 +100,8 @@ def centred_onehot(labels, way: int) -> np.ndarray:
 
 
 def inner_operator(k_ss, *, eta: float = INF, ridge: float = 1e-5) -> np.ndarray:
-    """T_tau = K'_tau^+ (I - exp(-eta K'_tau)) for finite eta (no ridge); eta = inf: T_tau = (K'_tau + ridge I)^-1."""
+    """T_tau = K'_tau^+ (I - exp(-eta K'_tau)) for finite eta (no ridge); eta = inf: T_tau = (K'_tau + ridge I)^-1
+    (docs/math.md eq. (7))."""
     k_ss = np.asarray(k_ss, dtype=np.float64)
     if k_ss.ndim != 2 or k_ss.shape[0] != k_ss.shape[1]:
         raise ValueError(f"K'_tau must be square; got shape {k_ss.shape}")
@@ -107,7 +109,8 @@ def inner_operator(k_ss, *, eta: float = INF, ridge: float = 1e-5) -> np.ndarray
 
 
 def cosine_normalised(kb: BlockReader, diag) -> BlockReader:
-    """kb'(r, c) = K(r, c) / sqrt(K_rr K_cc) with diag = (K_ii) over the whole pool; the result has .diag = ones."""
+    """kb'(r, c) = K(r, c) / sqrt(K_rr K_cc) (docs/math.md eq. (14)) with diag = (K_ii) over the whole pool; the
+    result has .diag = ones."""
     diag = np.asarray(diag, dtype=np.float64)
     if diag.ndim != 1:
         raise ValueError(f"diag must be 1-D over the pool; got shape {diag.shape}")
@@ -125,12 +128,13 @@ def cosine_normalised(kb: BlockReader, diag) -> BlockReader:
 
 
 def support_regression(k_xs, T, y_s) -> np.ndarray:
-    """r_tau(X) = K(X, X'_tau) T_tau Y'_tau."""
+    """r_tau(X) = K(X, X'_tau) T_tau Y'_tau (docs/math.md eq. (10))."""
     return np.asarray(k_xs, dtype=np.float64) @ (np.asarray(T) @ np.asarray(y_s, dtype=np.float64))
 
 
 def centroid_targets(emb, labels) -> np.ndarray:
-    """Y[i] = mean of emb[j] over the images j with labels[j] = labels[i]: each image's class centroid in its task."""
+    """Y[i] = mean of emb[j] over the images j with labels[j] = labels[i]: each image's class centroid in its task
+    (docs/math.md eq. (15))."""
     emb, labels = np.asarray(emb, dtype=np.float64), np.asarray(labels)
     if emb.ndim != 2 or len(emb) != len(labels):
         raise ValueError(f"embeddings {emb.shape} and labels {labels.shape} do not match")
@@ -141,7 +145,8 @@ def centroid_targets(emb, labels) -> np.ndarray:
 
 
 def nearest_support(scores, support_targets, support_labels) -> np.ndarray:
-    """Predicted label of each row of F: the label of the nearest support target, argmin_j ||F(x) - Y'_j||."""
+    """Predicted label of each row of F: the label of the nearest support target, argmin_j ||F(x) - Y'_j||
+    (docs/math.md eq. (16))."""
     f, y = np.asarray(scores, dtype=np.float64), np.asarray(support_targets, dtype=np.float64)
     d = (f * f).sum(1)[:, None] - 2 * f @ y.T + (y * y).sum(1)[None, :]
     return np.asarray(support_labels)[d.argmin(1)]
@@ -227,7 +232,8 @@ def _positions(sel, n: int) -> np.ndarray:
 def phi_block(kb: BlockReader, a: TaskOps, b: TaskOps, rows=None, cols=None) -> np.ndarray:
     """Phi_ab = K(X_a,X_b) - K(X_a,X'_a)T_a K(X'_a,X_b) - K(X_a,X'_b)T_b K(X'_b,X_b) + K(X_a,X'_a)T_a K(X'_a,X'_b)T_b K(X'_b,X_b).
 
-    rows / cols (positions within a's / b's query set, index arrays or slices) restrict the block to a tile.
+    docs/math.md eq. (9). rows / cols (positions within a's / b's query set, index arrays or slices) restrict the
+    block to a tile.
     One base-kernel read: K([X_a[rows]; X'_a], [X_b[cols]; X'_b]).
     """
     rows, cols = _positions(rows, a.n_q), _positions(cols, b.n_q)
@@ -241,7 +247,9 @@ def phi_block(kb: BlockReader, a: TaskOps, b: TaskOps, rows=None, cols=None) -> 
 
 
 def phi_diag(kb: BlockReader, a: TaskOps) -> np.ndarray:
-    """diag Phi_aa = K(x,x) - 2 K(x,X'_a)T_a K(X'_a,x) + K(x,X'_a)T_a K'_a T_a K(X'_a,x) for x in X_a (within-task)."""
+    """diag Phi_aa = K(x,x) - 2 K(x,X'_a)T_a K(X'_a,x) + K(x,X'_a)T_a K'_a T_a K(X'_a,x) for x in X_a (within-task).
+
+    The diagonal of docs/math.md eq. (9) within one task."""
     q_diag = a.q_diag
     if q_diag is None:
         q_diag = np.diag(_read(kb, a.query, a.query)).copy()
@@ -315,8 +323,8 @@ def mnk_fit(train: Sequence[TaskOps], phi_train, *, ridge: float = 1e-5, t_outer
             normalise_phi: bool = True, phi_train_diag=None) -> MNKFit:
     """alpha = (Phi_train + lambda I)^-1 (I - exp(-t_outer Phi_train)) (Y_train - R_train) (E = I for t_outer = inf).
 
-    phi_train is the raw Phi_train; with normalise_phi, Phi_train_ij / sqrt(Phi_ii Phi_jj) is used instead
-    (phi_train_diag: the raw diagonal, default diag(phi_train)).
+    The fit of docs/math.md eq. (11). phi_train is the raw Phi_train; with normalise_phi,
+    Phi_train_ij / sqrt(Phi_ii Phi_jj) is used instead (phi_train_diag: the raw diagonal, default diag(phi_train)).
     """
     phi = np.asarray(phi_train, dtype=np.float64)
     m = int(sum(t.n_q for t in train))
@@ -345,8 +353,8 @@ def mnk_predict(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, *, phi
                 fit: MNKFit | None = None) -> np.ndarray:
     """F(X_t) = r_t(X_t) + Phi(X_t, X_train) (Phi_train + lambda I)^-1 E(Phi_train) (Y_train - R_train), (n_q, way).
 
-    phi_train (raw) is computed when not given; fit (from mnk_fit, reusable across test tasks) replaces
-    phi_train / ridge / t_outer / normalise_phi / phi_train_diag. Only test x train blocks (and the test
+    docs/math.md eq. (11). phi_train (raw) is computed when not given; fit (from mnk_fit, reusable across test
+    tasks) replaces phi_train / ridge / t_outer / normalise_phi / phi_train_diag. Only test x train blocks (and the test
     task's own blocks) of the base kernel are read here.
     """
     if fit is None:

@@ -1,6 +1,7 @@
 """Per-image scale maps of the CNTK: the diagonal of the (x, x) recursion, by a cheap 2-D recursion.
 
-The CNTK is positively homogeneous, K(a x, b z) = a b K(x, z), and so are the maps, l(a x) = a l(x). Every
+The CNTK is positively homogeneous, K(a x, b z) = a b K(x, z), and so are the maps, l(a x) = a l(x) (docs/math.md
+sec. 1). Every
 backend divides each image by a power of two near its own magnitude (exact in floating point: ordinary inputs give
 bit-identical results), computes, and multiplies back in float64, so any finite input gets the right value.
 """
@@ -9,7 +10,7 @@ import numpy as np
 
 
 def box3(a: np.ndarray) -> np.ndarray:
-    """box3(a)[.., r, s] = sum_{|i|,|j|<=1} a[.., r+i, s+j], zero outside the image."""
+    """box3(a)[.., r, s] = sum_{|i|,|j|<=1} a[.., r+i, s+j], zero outside the image (docs/math.md eq. (3))."""
     p = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(1, 1), (1, 1)])
     h, w = a.shape[-2:]
     return sum(p[..., 1 + i : 1 + i + h, 1 + j : 1 + j + w] for i in (-1, 0, 1) for j in (-1, 0, 1))
@@ -31,7 +32,8 @@ def normalise(a: np.ndarray, m: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 
 def scale_maps(x: np.ndarray, depth: int) -> np.ndarray:
-    """l(h) = sqrt(e(h)), e(1) = box3(sum_c x_c^2), e(h+1) = box3(e(h))/9, h = 1..depth-1; shape (N, depth-1, H, W).
+    """l(h) = sqrt(e(h)), e(1) = box3(sum_c x_c^2), e(h+1) = box3(e(h))/9, h = 1..depth-1 (docs/math.md eq. (3));
+    shape (N, depth-1, H, W).
 
     Computed on x / m with m = pow2_scale(x) and multiplied by m: no under- or overflow for any finite x."""
     x = np.asarray(x, dtype=np.float64)
