@@ -21,6 +21,7 @@ from mnkpipe.kernels.mnk import (
     phi_diag,
     phi_test,
     phi_tile,
+    ridged_cosine_normalised,
     support_regression,
     task_ops,
     with_targets,
@@ -386,3 +387,111 @@ def test_centroid_targets_and_nearest_support():
     support = np.array([[0.0, 0.0], [10.0, 10.0]])
     np.testing.assert_array_equal(nearest_support(np.array([[1.0, 1.0], [9.0, 8.0]]), support, np.array([4, 7])),
                                   [4, 7])
+
+
+# ---------------------------------------------------------------------------------------------- authors' conventions
+
+
+def authors_transcription(k, train, test, lam, eta, t_outer):
+    """The authors' MetaCNTK (meta_cntk.py: kernel_ridge, normalize_NTK, normalize_metaNTK) step by step in numpy.
+
+    k: the pool's raw Gram; train / test: lists of (support idx, Y'_tau, query idx, Y_tau). Returns F of the test
+    tasks' queries, stacked.
+    """
+    def ridge_reg(m, coef):
+        return m + coef * np.eye(len(m))
+
+    def normalize_kernel(m):
+        s = 1.0 / np.sqrt(np.diag(m))
+        return m * np.outer(s, s)
+
+    def time_evolution(m, t):
+        return np.eye(len(m)) if np.isinf(t) else np.eye(len(m)) - expm(-t * m)
+
+    def kernel_ridge(k_fit, y, k_pred, alpha):  # sklearn KernelRidge(alpha, kernel="precomputed"): fit, predict
+        return k_pred @ np.linalg.solve(k_fit + alpha * np.eye(len(k_fit)), y)
+
+    ntk = normalize_kernel(ridge_reg(k, lam))  # cal_NTKs(ridge=True): ntk_all = ntk_all_ridge = n(K + lam I)
+    tasks = train + test
+    ts = [np.linalg.pinv(ntk[np.ix_(s, s)]) @ time_evolution(ntk[np.ix_(s, s)], eta) for s, *_ in tasks]  # cal_Ts
+    rs = [kernel_ridge(ntk[np.ix_(s, s)], time_evolution(ntk[np.ix_(s, s)], eta) @ ys, ntk[np.ix_(q, s)], lam)
+          for s, ys, q, _ in tasks]  # get_SVM_NTK, train and test tasks
+
+    def single_meta_ntk(i, j):
+        (s1, _, q1, _), (s2, _, q2, _) = tasks[i], tasks[j]
+        t1, t2 = ts[i], ts[j]
+        return (ntk[np.ix_(q1, q2)] - ntk[np.ix_(q1, s1)] @ t1 @ ntk[np.ix_(s1, q2)]
+                - ntk[np.ix_(q1, s2)] @ t2.T @ ntk[np.ix_(s2, q2)]
+                + ntk[np.ix_(q1, s1)] @ t1 @ ntk[np.ix_(s1, s2)] @ t2.T @ ntk[np.ix_(s2, q2)])
+
+    meta_all = np.block([[single_meta_ntk(i, j) for j in range(len(tasks))] for i in range(len(tasks))])
+    n_train = sum(len(q) for _, _, q, _ in train)
+    meta_all = normalize_kernel(ridge_reg(meta_all, lam))  # cal_metaNTKs(ridge=True), normalize_metaNTK
+    meta_train, meta_test = meta_all[:n_train, :n_train], meta_all[n_train:, :n_train]
+    ys = np.concatenate([y for _, _, _, y in train])
+    eff_ys = time_evolution(meta_train, t_outer) @ (ys - np.concatenate(rs[:len(train)]))
+    return kernel_ridge(meta_train, eff_ys, meta_test, lam) + np.concatenate(rs[len(train):])  # term13 + term2
+
+
+@pytest.mark.parametrize("eta,t_outer", [(INF, INF), (3.0, 5.0)])
+@pytest.mark.parametrize("targets", ["onehot", "embedding"])
+def test_authors_conventions_equal_a_transcription_of_their_code(eta, t_outer, targets):
+    feats = make_pool(seed=4)
+    k = feats @ feats.T
+    specs = make_tasks(6, seed=5)
+    lam = 1e-3
+    emb = np.random.default_rng(6).normal(size=(N_POOL, 4))
+
+    def targets_of(spec):
+        s, sl, q, ql = spec
+        if targets == "onehot":
+            return centred_onehot(sl, WAY), centred_onehot(ql, WAY)
+        return emb[s], emb[q]
+
+    kb = ridged_cosine_normalised(reader(k), np.diag(k), lam)
+    ops = [with_targets(task_ops(kb, *sp, way=WAY, eta=eta, ridge=lam, conventions="authors"), *targets_of(sp))
+           for sp in specs]
+    train, test = ops[:4], ops[4:]
+    fit = mnk_fit(train, mnk_train_matrix(kb, train), ridge=lam, t_outer=t_outer, conventions="authors")
+    got = np.concatenate([mnk_predict(kb, train, t, fit=fit) for t in test])
+    tasks = []
+    for sp in specs:
+        y_s, y_q = targets_of(sp)
+        tasks.append((sp[0], y_s, sp[2], y_q))
+    want = authors_transcription(k, tasks[:4], tasks[4:], lam, eta, t_outer)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+    # the conventions matter at this ridge: the formulas give another F
+    kbn = cosine_normalised(reader(k), np.diag(k))
+    ops_f = [with_targets(task_ops(kbn, *sp, way=WAY, eta=eta, ridge=lam), *targets_of(sp)) for sp in specs]
+    fit_f = mnk_fit(ops_f[:4], mnk_train_matrix(kbn, ops_f[:4]), ridge=lam, t_outer=t_outer)
+    other = np.concatenate([mnk_predict(kbn, ops_f[:4], t, fit=fit_f) for t in ops_f[4:]])
+    assert np.abs(other - want).max() > 1e4 * 1e-10 * np.abs(want).max()
+
+
+def test_formulas_are_the_default_conventions():
+    feats = make_pool()
+    k = feats @ feats.T
+    specs = make_tasks(5)
+    kb = cosine_normalised(reader(k), np.diag(k))
+    for conv in ({}, {"conventions": "formulas"}):
+        ops = [task_ops(kb, *sp, way=WAY, **conv) for sp in specs]
+        np.testing.assert_array_equal(ops[0].R, ops[0].T)
+        got = mnk_predict(kb, ops[:4], ops[4], **conv)
+        want = brute_predict(feats / np.linalg.norm(feats, axis=1, keepdims=True), specs[:4], specs[4], eta=INF,
+                             ridge=1e-5, t_outer=INF, normalise=True)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
+    with pytest.raises(ValueError, match="conventions must be one of formulas, authors"):
+        task_ops(kb, *specs[0], way=WAY, conventions="paper")
+    with pytest.raises(ValueError, match="normalise_phi"):
+        mnk_fit(ops[:4], mnk_train_matrix(kb, ops[:4]), normalise_phi=False, conventions="authors")
+
+
+def test_ridged_cosine_normalised_reader():
+    feats = make_pool()
+    k = feats @ feats.T
+    kbr = ridged_cosine_normalised(reader(k), np.diag(k), 0.5)
+    km = k + 0.5 * np.eye(N_POOL)
+    want = km / np.sqrt(np.outer(np.diag(km), np.diag(km)))
+    rows, cols = np.array([3, 7, 7, 0]), np.array([7, 1, 3])
+    np.testing.assert_allclose(kbr(rows, cols), want[np.ix_(rows, cols)], rtol=1e-13)
+    np.testing.assert_array_equal(kbr.diag, np.ones(N_POOL))

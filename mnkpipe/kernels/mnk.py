@@ -12,12 +12,18 @@ of the full Phi_train, and a tile of Phi_train is assembled from ``phi_block`` c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
 INF = float("inf")
+
+# How lambda enters (docs/conventions.md): "formulas" = docs/math.md (lambda once, normalisation of the unridged
+# matrices); "authors" = the authors' meta_cntk.py with kernel_ridge and both normalisations on:
+# base kernel n(K + lambda I), r_tau solved with n(K + lambda I)'_tau + lambda I, T_tau = n(K + lambda I)'_tau^+
+# without ridge, meta kernel n(Phi + lambda I) solved with + lambda I again.
+CONVENTIONS = ("formulas", "authors")
 
 BlockReader = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -127,6 +133,24 @@ def cosine_normalised(kb: BlockReader, diag) -> BlockReader:
     return kb_normalised
 
 
+def ridged_cosine_normalised(kb: BlockReader, diag, ridge: float) -> BlockReader:
+    """kb'(r, c) = (K(r, c) + ridge [r = c]) / sqrt((K_rr + ridge)(K_cc + ridge)): n(K + ridge I) over the pool, the
+    authors' base kernel (ridge on the diagonal of the pool, one entry per distinct image); .diag = ones."""
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0; got {ridge}")
+
+    def kb_ridged(rows, cols):
+        rows, cols = np.asarray(rows, dtype=np.intp), np.asarray(cols, dtype=np.intp)
+        return _read(kb, rows, cols) + ridge * (rows[:, None] == cols[None, :])
+
+    return cosine_normalised(kb_ridged, np.asarray(diag, dtype=np.float64) + ridge)
+
+
+def _check_conventions(conventions: str) -> None:
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions must be one of {', '.join(CONVENTIONS)}; got {conventions!r}")
+
+
 def support_regression(k_xs, T, y_s) -> np.ndarray:
     """r_tau(X) = K(X, X'_tau) T_tau Y'_tau (docs/math.md eq. (10))."""
     return np.asarray(k_xs, dtype=np.float64) @ (np.asarray(T) @ np.asarray(y_s, dtype=np.float64))
@@ -162,7 +186,8 @@ class TaskOps:
 
     support: np.ndarray  # (n_s,) pool indices of X'_tau
     query: np.ndarray  # (n_q,) pool indices of X_tau
-    T: np.ndarray  # (n_s, n_s) inner operator T_tau
+    T: np.ndarray  # (n_s, n_s) inner operator T_tau (inside Phi)
+    R: np.ndarray  # (n_s, n_s) operator of r_tau(X) = K(X, X'_tau) R Y'_tau: T_tau, or the ridged one ("authors")
     k_qs: np.ndarray  # (n_q, n_s) K(X_tau, X'_tau)
     k_ss: np.ndarray  # (n_s, n_s) K'_tau = K(X'_tau, X'_tau)
     y_s: np.ndarray  # (n_s, D) targets Y'_tau: centred one-hot (D = way), or label embeddings (with_targets)
@@ -186,12 +211,15 @@ class TaskOps:
 
 
 def task_ops(kb: BlockReader, support, support_labels, query, query_labels, *, way: int, eta: float = INF,
-             ridge: float = 1e-5, k_diag=None) -> TaskOps:
+             ridge: float = 1e-5, k_diag=None, conventions: str = "formulas") -> TaskOps:
     """TaskOps of tau from one read of K([X_tau; X'_tau], X'_tau): T_tau, r_tau(X_tau) = K(X_tau, X'_tau) T_tau Y'_tau.
 
     k_diag: K_ii over the pool (defaults to kb.diag, which cosine_normalised provides); without either, phi_diag
-    reads the within-task block K(X_tau, X_tau) for its diagonal.
+    reads the within-task block K(X_tau, X_tau) for its diagonal. conventions="authors" (kb the authors' base kernel,
+    ridged_cosine_normalised): T_tau = K'^+ (I - exp(-eta K')) with no ridge at any eta, while r_tau uses
+    R = (K' + ridge I)^-1 (I - exp(-eta K')), the KernelRidge solve of the authors' code.
     """
+    _check_conventions(conventions)
     support, query = _idx(support, "support"), _idx(query, "query")
     y_s, y_q = centred_onehot(support_labels, way), centred_onehot(query_labels, way)
     if len(y_s) != len(support) or len(y_q) != len(query):
@@ -200,12 +228,15 @@ def task_ops(kb: BlockReader, support, support_labels, query, query_labels, *, w
     blk = _read(kb, np.concatenate([query, support]), support)
     k_qs, k_ss = blk[:n_q], blk[n_q:]
     k_ss = 0.5 * (k_ss + k_ss.T)
-    T = inner_operator(k_ss, eta=eta, ridge=ridge)
+    if conventions == "authors":
+        T, R = _spectral_apply(k_ss, eta, 0.0), _spectral_apply(k_ss, eta, ridge)
+    else:
+        T = R = inner_operator(k_ss, eta=eta, ridge=ridge)
     if k_diag is None:
         k_diag = getattr(kb, "diag", None)
     q_diag = None if k_diag is None else np.asarray(k_diag, dtype=np.float64)[query]
-    return TaskOps(support=support, query=query, T=T, k_qs=k_qs, k_ss=k_ss, y_s=y_s, y_q=y_q,
-                   r_q=support_regression(k_qs, T, y_s), q_diag=q_diag)
+    return TaskOps(support=support, query=query, T=T, R=R, k_qs=k_qs, k_ss=k_ss, y_s=y_s, y_q=y_q,
+                   r_q=support_regression(k_qs, R, y_s), q_diag=q_diag)
 
 
 def with_targets(op: TaskOps, y_s, y_q) -> TaskOps:
@@ -214,7 +245,7 @@ def with_targets(op: TaskOps, y_s, y_q) -> TaskOps:
     if y_s.shape[0] != len(op.support) or y_q.shape[0] != op.n_q or y_s.shape[1:] != y_q.shape[1:]:
         raise ValueError(f"targets {y_s.shape} / {y_q.shape} do not fit {len(op.support)} support and {op.n_q} "
                          "query images with one target dimension")
-    return replace(op, y_s=y_s, y_q=y_q, r_q=support_regression(op.k_qs, op.T, y_s))
+    return replace(op, y_s=y_s, y_q=y_q, r_q=support_regression(op.k_qs, op.R, y_s))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,15 +348,21 @@ class MNKFit:
     normalise_phi: bool
     ridge: float
     t_outer: float
+    diag_shift: float = 0.0  # added to diag Phi before normalising: 0, or lambda for n(Phi + lambda I) ("authors")
 
 
 def mnk_fit(train: Sequence[TaskOps], phi_train, *, ridge: float = 1e-5, t_outer: float = INF,
-            normalise_phi: bool = True, phi_train_diag=None) -> MNKFit:
+            normalise_phi: bool = True, phi_train_diag=None, conventions: str = "formulas") -> MNKFit:
     """alpha = (Phi_train + lambda I)^-1 (I - exp(-t_outer Phi_train)) (Y_train - R_train) (E = I for t_outer = inf).
 
     The fit of docs/math.md eq. (11). phi_train is the raw Phi_train; with normalise_phi,
     Phi_train_ij / sqrt(Phi_ii Phi_jj) is used instead (phi_train_diag: the raw diagonal, default diag(phi_train)).
     """
+    # conventions="authors": n(Phi_train + lambda I) in place of n(Phi_train), then solved with + lambda I again.
+    _check_conventions(conventions)
+    if conventions == "authors" and not normalise_phi:
+        raise ValueError('conventions="authors" is defined with the cosine-normalised meta kernel (normalise_phi)')
+    shift = ridge if conventions == "authors" else 0.0
     phi = np.asarray(phi_train, dtype=np.float64)
     m = int(sum(t.n_q for t in train))
     if phi.shape != (m, m):
@@ -335,22 +372,22 @@ def mnk_fit(train: Sequence[TaskOps], phi_train, *, ridge: float = 1e-5, t_outer
         raise ValueError("training tasks have different numbers of ways")
     d = np.diag(phi).copy() if phi_train_diag is None else np.asarray(phi_train_diag, dtype=np.float64)
     if m == 0:
-        return MNKFit(np.zeros((0, way)), d, normalise_phi, ridge, t_outer)
+        return MNKFit(np.zeros((0, way)), d, normalise_phi, ridge, t_outer, shift)
     if normalise_phi:
-        s = _inv_sqrt(d, d.max())
-        phi = phi * s[:, None] * s[None, :]
+        s = _inv_sqrt(d + shift, d.max() + shift)
+        phi = (phi + shift * np.eye(m)) * s[:, None] * s[None, :]
     resid = np.concatenate([t.y_q - t.r_q for t in train])
     phi = 0.5 * (phi + phi.T)
     if np.isinf(t_outer) and ridge > 0:
         alpha = np.linalg.solve(phi + ridge * np.eye(m), resid)
     else:
         alpha = _spectral_apply(phi, t_outer, ridge) @ resid
-    return MNKFit(alpha, d, normalise_phi, ridge, t_outer)
+    return MNKFit(alpha, d, normalise_phi, ridge, t_outer, shift)
 
 
 def mnk_predict(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, *, phi_train=None, ridge: float = 1e-5,
                 t_outer: float = INF, normalise_phi: bool = True, phi_train_diag=None,
-                fit: MNKFit | None = None) -> np.ndarray:
+                fit: MNKFit | None = None, conventions: str = "formulas") -> np.ndarray:
     """F(X_t) = r_t(X_t) + Phi(X_t, X_train) (Phi_train + lambda I)^-1 E(Phi_train) (Y_train - R_train), (n_q, way).
 
     docs/math.md eq. (11). phi_train (raw) is computed when not given; fit (from mnk_fit, reusable across test
@@ -361,7 +398,7 @@ def mnk_predict(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, *, phi
         if phi_train is None:
             phi_train = mnk_train_matrix(kb, train)
         fit = mnk_fit(train, phi_train, ridge=ridge, t_outer=t_outer, normalise_phi=normalise_phi,
-                      phi_train_diag=phi_train_diag)
+                      phi_train_diag=phi_train_diag, conventions=conventions)
     if not train:
         return test.r_q.copy()
     if test.way != fit.alpha.shape[1]:
@@ -373,8 +410,10 @@ def phi_test(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, fit: MNKF
     """Phi(X_t, X_train), cosine-normalised Phi_ti / sqrt(Phi_tt Phi_ii) when the fit is (the meta term is this @ alpha)."""
     phi_t = phi_cross(kb, test, train)
     if fit.normalise_phi:
-        scale = fit.phi_train_diag.max()
-        phi_t = phi_t * _inv_sqrt(phi_diag(kb, test), scale)[:, None] * _inv_sqrt(fit.phi_train_diag, scale)[None, :]
+        shift = fit.diag_shift  # the test rows are other rows of Phi: lambda I adds only to their diagonal
+        scale = fit.phi_train_diag.max() + shift
+        phi_t = (phi_t * _inv_sqrt(phi_diag(kb, test) + shift, scale)[:, None]
+                 * _inv_sqrt(fit.phi_train_diag + shift, scale)[None, :])
     return phi_t
 
 
