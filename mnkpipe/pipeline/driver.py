@@ -7,23 +7,49 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
 import zarr
 from tqdm import tqdm
 
 from .. import __version__
-from ..store import (StoreError, StoreLock, TiledArray, create_store, describe_differences, is_being_created,
-                     open_store)
+from ..store import StoreError, StoreLock, TiledArray, create_store, describe_differences, is_being_created, open_store
 from .config import ExperimentConfig, load_config
-from .experiment import build_experiment
-from .plan import plan_full, plan_mnk
-from .ray_session import (HeldSignals, NodeLost, RayFailure, check_counts, check_private_node, check_resources,
-                          explain, start_ray, stop_ray)
+from .experiment import build_experiment, experiment_plan, store_plan
+from .inspect import verify_store
+from .ray_session import (
+    HeldSignals,
+    NodeLost,
+    RayFailure,
+    check_counts,
+    check_private_node,
+    check_resources,
+    explain,
+    start_ray,
+    stop_ray,
+)
 
 RESTARTS = 3  # restarts of Ray in a row, without a tile finished in between, before the driver gives up
 
 
-def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None):
-    """Create the store for cfg, or check that an existing one was made from the same config and data."""
+def rebuild_plan(store, plan: np.ndarray) -> bool:
+    """Under the lock: rewrite gram_plan when it is missing or damaged (plan: the one rebuilt from config and
+    episodes, written only if it equals the manifest's record); True when it was rewritten."""
+    ta = store.tiled("gram")
+    try:
+        if np.array_equal(ta.plan(), plan):
+            return False
+    except StoreError:
+        pass
+    ta.write_plan(plan)
+    print(f"gram_plan rebuilt from the config and episodes of {store.path} (it was missing or damaged)",
+          file=sys.stderr)
+    return True
+
+
+def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None, backend: str = "cpu"):
+    """Create the store for cfg (recording the CNTK backend its tiles are computed with), or check that an existing
+    one was made from the same config, data and backend; then, as its lock holder, rebuild a lost plan and delete
+    the temporary files killed writers left."""
     store_path = Path(store_path)
     exp = build_experiment(cfg, data)
     if is_being_created(store_path):  # its creation was killed: the marker is still there, no manifest yet
@@ -36,21 +62,19 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None)
                              "(nothing was changed): give a new or empty --store path")
         store = open_store(store_path, mode="r+")  # a Zarr group not made by mnkpipe: StoreError, untouched
         diffs = describe_differences(store.manifest["config"], cfg.to_dict())
+        if store.backend is not None and store.backend != backend:  # tiles of two backends differ in the last bits
+            diffs.append(f'backend: store has "{store.backend}", now "{backend}" (--gpus > 0 computes with cupy)')
         if store.manifest["fingerprint"] != exp.fingerprint():
             diffs.append("dataset/episodes fingerprint: the images or tasks differ from those the store was made with")
         if diffs:
             raise StoreError(f"{store_path} was made with a different experiment; refusing to mix them (nothing was "
                              "changed). Differences:\n  " + "\n  ".join(diffs) +
                              "\nUse the store's own config, or a new --store path.")
+        store.remove_partial_files()
+        rebuild_plan(store, experiment_plan(cfg, exp))
         return store
-    n, t = len(exp.images), cfg.compute.tile_size
-    if cfg.compute.plan == "full":
-        plan = plan_full(n, t)
-    else:
-        test = exp.episodes.test
-        plan = plan_mnk(n, t, exp.n_train_images, [list(s) + list(q) for s, q in zip(test.support, test.query)])
-    return create_store(store_path, exp, config=cfg.to_dict(), depth=cfg.kernel.depth, tile_size=t, plan=plan,
-                        dtype=cfg.compute.dtype)
+    return create_store(store_path, exp, config=cfg.to_dict(), depth=cfg.kernel.depth, tile_size=cfg.compute.tile_size,
+                        plan=experiment_plan(cfg, exp), dtype=cfg.compute.dtype, backend=backend)
 
 
 def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0, cpus: int | None = None,
@@ -64,14 +88,45 @@ def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0
     store_path = Path(os.path.abspath(store_path))  # workers on other nodes open it by this path
     check_resources(address, cpus, gpus)  # before anything is built
     with StoreLock(store_path, command=" ".join(sys.argv), break_lock=break_lock):
-        prepare_store(cfg, store_path, data=data)
+        prepare_store(cfg, store_path, data=data, backend="cupy" if gpus else "cpu")
         return run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress)
+
+
+def repair_store(store_path, *, gpus: int = 0, cpus: int | None = None, address: str | None = None,
+                 progress: bool = True) -> dict:
+    """mnkpipe verify --repair: under the lock, check the inputs, rebuild a lost plan, mark the bad tiles (durably:
+    a killed repair is finished by the next one) and recompute exactly the marked tiles, with the backend the store
+    was made with. Resources and backend are checked before anything is written."""
+    store_path = Path(os.path.abspath(store_path))
+    check_resources(address, cpus, gpus)
+    backend, notes = "cupy" if gpus else "cpu", []
+    with StoreLock(store_path, command=" ".join(sys.argv)):
+        store = open_store(store_path, mode="r+")
+        if store.backend is None:
+            notes.append(f"{store_path} does not record the backend its tiles were computed with (made before mnkpipe "
+                         f"recorded it): repairing with {backend}; if its tiles came from GPUs, repair with --gpus")
+        elif store.backend != backend:
+            how = "with --gpus N (GPU workers)" if store.backend == "cupy" else "without --gpus (CPU workers)"
+            raise StoreError(f"{store_path} was computed with the {store.backend} backend: repair it {how}, so that "
+                             f"its tiles are not mixed with {backend} tiles (nothing was changed)")
+        store.check_inputs()
+        if rebuild_plan(store, store_plan(store)):
+            notes.append("gram_plan rebuilt from the manifest's config and the stored episodes")
+        store.remove_partial_files()
+        result = verify_store(store_path)
+        ta = store.tiled("gram")
+        for b in result["bad"]:
+            ta.mark_for_repair(*b["tile"])
+        todo = ta.tiles_to_repair()
+        s = run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress, tiles=todo) if todo else {}
+    return dict(result, notes=notes, tiles_recomputed=s.get("tiles_computed", 0))
 
 
 def _make_workers(source, target: TiledArray, gpus: int, cpus: int | None):
     """gpus > 0: one cupy actor per GPU; else one single-threaded CPU actor per CPU. Each runs this mnkpipe
     version, starts the tile source (CNTKSource checks that it sees the driver's store) and opens the target."""
     import ray
+
     from ..workers.tile import make_ray_worker
     worker = make_ray_worker()
     args = (source, str(target.path), target.name, __version__)
@@ -85,14 +140,16 @@ def _make_workers(source, target: TiledArray, gpus: int, cpus: int | None):
 
 def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpus: int | None = None,
               address: str | None = None, progress: bool = True, in_flight_per_worker: int = 2,
-              restarts: int = RESTARTS) -> dict:
-    """Dispatch the missing tiles of the tiled array `name` of the Zarr group at store_path, computed by the tile
-    source (workers/tile.py; default: the CNTK of the store's images); at most in_flight_per_worker per worker.
+              restarts: int = RESTARTS, tiles=None) -> dict:
+    """Dispatch the missing tiles (only those in `tiles`, when given) of the tiled array `name` of the Zarr group at
+    store_path, computed by the tile source (workers/tile.py; default: the CNTK of the store's images, whose input
+    arrays are checked against the manifest first); at most in_flight_per_worker per worker.
 
     When Ray fails under the job (its node declared dead, workers that keep dying), Ray is restarted (or the
     cluster rejoined) and the missing tiles dispatched again, at most `restarts` times in a row without a tile
     finished in between; then RayFailure says what happened."""
     import ray.exceptions as rx
+
     from ..workers.tile import CNTKSource
     store_path = Path(os.path.abspath(store_path))  # workers on other nodes open it by this path
     if name == "gram":
@@ -100,7 +157,11 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
         target, source = store.tiled(name), source or CNTKSource(store_path, store.manifest["fingerprint"])
     else:
         target = TiledArray(store_path, name, group=zarr.open_group(str(store_path), mode="r+"))
-    todo = target.missing_tiles()
+    only = None if tiles is None else {tuple(t) for t in tiles}
+    missing = lambda: [t for t in target.missing_tiles() if only is None or t in only]  # noqa: E731
+    todo = missing()
+    if name == "gram" and todo:
+        store.check_inputs()  # tiles computed from damaged images or scale maps would be wrong
     planned = target.planned_tiles()
     total_pairs = sum(target.tile_pairs(*t) for t in planned)
     done_pairs = total_pairs - sum(target.tile_pairs(*t) for t in todo)
@@ -120,7 +181,7 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
         started = start_ray(address, cpus=cpus, gpus=gpus)
         try:
             with HeldSignals() as held:
-                _dispatch(target, deque(target.missing_tiles()), _make_workers(source, target, gpus, cpus), summary,
+                _dispatch(target, deque(missing()), _make_workers(source, target, gpus, cpus), summary,
                           bar, t0, total_pairs, in_flight_per_worker, held)
             break
         except rx.RayTaskError as e:  # the tile code raised (the same on a retry)

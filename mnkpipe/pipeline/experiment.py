@@ -6,10 +6,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import (EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
-                    load_omniglot, omniglot_alphabets, resolve_data_root, sample_episodes, standardise_and_pad)
+from ..data import (
+    EpisodeSet,
+    ImageDataset,
+    TaskSet,
+    fit_standardiser,
+    load_image_folder,
+    load_lake_runs,
+    load_omniglot,
+    omniglot_alphabets,
+    resolve_data_root,
+    sample_episodes,
+    standardise_and_pad,
+)
 from ..data.episodes import family_cut, family_permutation, sample_tasks
 from .config import ConfigError, ExperimentConfig
+from .plan import plan_full, plan_mnk
 
 
 @dataclass
@@ -29,6 +41,25 @@ class Experiment:
             h.update(key.encode())
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
+
+
+def make_plan(plan: str, n: int, tile_size: int, n_train: int, test_tasks) -> np.ndarray:
+    """The tile plan (pipeline/plan.py) of a pool of n images whose first n_train belong to training tasks; a pure
+    function of the config and the episodes, so a lost plan is rebuilt from the manifest and the stored episodes."""
+    if plan == "full":
+        return plan_full(n, tile_size)
+    return plan_mnk(n, tile_size, n_train, [list(s) + list(q) for s, q in zip(test_tasks.support, test_tasks.query)])
+
+
+def experiment_plan(cfg: ExperimentConfig, exp: Experiment) -> np.ndarray:
+    """The plan of cfg's [compute] table over exp's pool and test tasks."""
+    return make_plan(cfg.compute.plan, len(exp.images), cfg.compute.tile_size, exp.n_train_images, exp.episodes.test)
+
+
+def store_plan(store) -> np.ndarray:
+    """The plan the store's manifest (config, pool size) and stored episodes determine."""
+    c = store.manifest["config"]["compute"]
+    return make_plan(c["plan"], store.n, store.tile_size, int(store.manifest["n_train_images"]), store.episodes().test)
 
 
 def _load_split(cfg: ExperimentConfig, root: Path, split: str) -> ImageDataset:

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..store import RECORD_FILL, StoreLock, TiledArray, find_tiled_arrays, open_store, tile_crc
+from ..store import RECORD_REPAIR, StoreError, StoreLock, TiledArray, find_tiled_arrays, open_store, tile_crc
 from ..store.lock import owner_state
+from .experiment import store_plan
 
 
 def store_status(store_path, name: str = "gram") -> dict:
@@ -81,16 +82,24 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
-def verify_store(store_path, name: str = "gram", repair: bool = False) -> dict:
-    """Check each recorded tile: chunk present, readable, CRC32 equal to its record, finite, diagonal tiles
-    symmetric. Reads only, unless repair: then forget the records of bad tiles (needs the lock)."""
-    store = open_store(store_path, mode="r+" if repair else "r")
+def verify_store(store_path, name: str = "gram") -> dict:
+    """Read-only check: the input arrays against their checksums and the plan against the manifest's config and
+    episodes (StoreError naming what differs); then each recorded tile: chunk present, readable, CRC32 equal to
+    its record, finite, diagonal tiles symmetric. Tiles marked bad by an unfinished repair are bad too."""
+    store = open_store(store_path)
+    inputs = store.check_inputs()
     ta = store.tiled(name)
+    if not np.array_equal(ta.plan(), store_plan(store)):
+        raise StoreError(f"{name}_plan of {store.path} differs from the plan of its manifest's config and episodes: "
+                         f"run `mnkpipe verify --repair {store.path}`")
     arr, rec = ta.array, ta.records()
     bad = []
     checked = 0
-    for bi, bj in store.planned_tiles(name):
-        if rec[bi, bj] == RECORD_FILL:
+    for bi, bj in ta.planned_tiles():
+        if rec[bi, bj] == RECORD_REPAIR:
+            bad.append({"tile": (bi, bj), "problem": "found bad by a repair that did not finish (not recomputed yet)"})
+            continue
+        if rec[bi, bj] < 0:
             continue
         checked += 1
         if not ta.chunk_present(bi, bj):
@@ -107,7 +116,4 @@ def verify_store(store_path, name: str = "gram", repair: bool = False) -> dict:
             bad.append({"tile": (bi, bj), "problem": f"{int((~np.isfinite(tile)).sum())} non-finite values"})
         elif bi == bj and not np.array_equal(tile, tile.T):
             bad.append({"tile": (bi, bj), "problem": "diagonal tile is not symmetric"})
-    if repair:
-        for b in bad:
-            store.clear_record(*b["tile"], name=name)
-    return {"checked": checked, "bad": bad, "repaired": repair}
+    return {"checked": checked, "bad": bad, "inputs_checked": inputs}

@@ -4,6 +4,7 @@ import time
 
 from tqdm import tqdm
 
+from ..kernels.cntk import resolve_backend
 from ..store import StoreLock
 from ..workers.tile import CNTKSource, TileComputer
 from .config import load_config
@@ -11,11 +12,15 @@ from .driver import prepare_store
 
 
 def compute_local(config, store_path, *, backend: str = "cpu", data: str | None = None, progress: bool = True) -> dict:
-    """Prepare the store, then compute its missing Gram tiles in this process with `backend`; returns pairs/s."""
+    """Prepare the store (recording `backend`), check its inputs, then compute its missing Gram tiles in this process
+    with `backend`; returns pairs/s."""
     cfg = load_config(config) if not hasattr(config, "compute") else config
+    backend = resolve_backend(backend)
     with StoreLock(store_path, command=f"compute_local({backend})"):
-        store = prepare_store(cfg, store_path, data=data)
+        store = prepare_store(cfg, store_path, data=data, backend=backend)
         todo = store.missing_tiles()
+        if todo:
+            store.check_inputs()  # tiles computed from damaged images or scale maps would be wrong
         worker = TileComputer(CNTKSource(store_path), store_path, backend=backend)
         t0 = time.perf_counter()
         pairs = compute = 0.0

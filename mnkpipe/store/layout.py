@@ -1,5 +1,6 @@
 """The Zarr v3 layout of one experiment (docs/store.md): images, scale maps, episodes, tiled Gram, tile records."""
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -8,10 +9,19 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import StoreError, TiledArray, add_tiled_array, symmetric_block
+from .tiled import (
+    ZARR_PARTIAL,
+    StoreError,
+    TiledArray,
+    add_tiled_array,
+    plan_digest,
+    remove_partial_files,
+    symmetric_block,
+)
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
 IMAGE_DIMS = ("image", "channel", "y", "x")
+HASH_BLOCK_BYTES = 64 << 20  # input arrays are hashed in blocks of rows of about this size (bounded memory)
 
 
 class Store:
@@ -47,10 +57,44 @@ class Store:
     def n_blocks(self) -> int:
         return -(-self.n // self.tile_size)
 
+    @property
+    def backend(self) -> str | None:
+        """The CNTK backend the store's tiles are computed with ('cpu' or 'cupy'); None: not recorded (older store)."""
+        return self.manifest.get("backend")
+
     def tiled(self, name: str = "gram") -> TiledArray:
-        """The tiled array `name` of this store (its tiles, records and checked reads)."""
-        return TiledArray(self.path, name, group=self.root,
-                          repair_hint=f"run `mnkpipe verify --repair {self.path}`" if name == "gram" else "")
+        """The tiled array `name` of this store (its tiles, records and checked reads; the Gram's plan is checked
+        against its record in the manifest)."""
+        if name != "gram":
+            return TiledArray(self.path, name, group=self.root)
+        return TiledArray(self.path, name, group=self.root, repair_hint=f"run `mnkpipe verify --repair {self.path}`",
+                          plan_record=self.manifest.get("plan"))
+
+    def check_inputs(self) -> list[str]:
+        """Recompute the sha256 of every input array (images, scale maps, val_images, episodes) and compare it with
+        the manifest; StoreError naming the first that differs. Returns the names checked ([] for stores made
+        before the manifest recorded them)."""
+        recorded = self.manifest.get("inputs", {})
+        for name, digest in recorded.items():
+            try:
+                now = array_sha256(self.root[name])
+            except Exception as e:  # noqa: BLE001 - an undecodable or missing chunk is damage too
+                now = f"unreadable ({type(e).__name__}: {e})"
+            if now != digest:
+                raise StoreError(f"{name} of {self.path} differs from its checksum in the manifest (a chunk file "
+                                 f"under {self.path / name} was changed or damaged): tiles computed from it would be "
+                                 "wrong; nothing was computed. Rebuild the store with compute-kernel at a new --store "
+                                 "path")
+        return sorted(recorded)
+
+    def remove_partial_files(self) -> list:
+        """Delete the temporary chunk files killed zarr writers left in the store's arrays (needs the lock)."""
+        gone = _remove_root_partials(self.path)
+        for name, _ in self.root.arrays():
+            gone += remove_partial_files(self.path / name)
+        if "episodes" in self.root:
+            gone += remove_partial_files(self.path / "episodes")
+        return gone
 
     def array(self, name: str):
         return self.root[name]
@@ -131,10 +175,42 @@ def _indices(idx, n: int, what: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def array_sha256(arr) -> str:
+    """sha256 of a Zarr array's decoded values (C order, its dtype), read in blocks of rows."""
+    h = hashlib.sha256()
+    row_bytes = max(1, arr.nbytes // max(1, arr.shape[0])) if arr.ndim else 1
+    step = max(1, HASH_BLOCK_BYTES // row_bytes)
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        h.update(np.ascontiguousarray(arr[...]).tobytes())
+    for b in range(0, arr.shape[0] if arr.ndim else 0, step):
+        h.update(np.ascontiguousarray(arr[b:b + step]).tobytes())
+    return h.hexdigest()
+
+
+def input_digests(root) -> dict[str, str]:
+    """sha256 of each input array of a store: images, scales, val_images and every episodes array."""
+    names = [k for k in ("images", "scales", "val_images") if k in root]
+    if "episodes" in root:
+        names += [f"episodes/{k}" for k, _ in root["episodes"].arrays()]
+        names += [f"episodes/{s}/{k}" for s, sub in root["episodes"].groups() for k, _ in sub.arrays()]
+    return {name: array_sha256(root[name]) for name in sorted(names)}
+
+
+def _remove_root_partials(folder: Path) -> list:
+    """Delete zarr's temporary files of the group's own zarr.json (zarr.<32 hex>.partial), in folder only."""
+    gone = []
+    for f in folder.glob("zarr.*.partial"):
+        if f.is_file() and ZARR_PARTIAL.search(f.name):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
 def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, plan: np.ndarray,
-                 dtype: str = "float64") -> Store:
+                 dtype: str = "float64", backend: str = "cpu") -> Store:
     """Write a new store into a new or empty folder: the creation marker first, then images, scale maps, episodes,
-    the empty Gram with its plan, then the manifest, and only then remove the marker."""
+    the empty Gram with its plan, then the manifest (with the backend and the checksums of inputs and plan), and
+    only then remove the marker."""
     from ..kernels import scale_maps
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -166,6 +242,9 @@ def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config,
         "fingerprint": experiment.fingerprint(),
+        "backend": backend,
+        "inputs": input_digests(root),
+        "plan": plan_digest(plan),
         "n_images": n,
         "n_train_images": experiment.n_train_images,
         "tile_size": tile_size,

@@ -1,6 +1,8 @@
 """A tiled (n, n) array X in a Zarr group with its siblings X_plan and X_crc32: tiles, records, checked reads."""
 
+import hashlib
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import numpy as np
 import zarr
 
 RECORD_FILL = -1  # X_crc32 value of a tile that is not done
+RECORD_REPAIR = -2  # X_crc32 value of a tile found bad and not recomputed yet (CRC32 values are >= 0)
+ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes <name>.<uuid4 hex>.partial, then renames
 
 
 class StoreError(RuntimeError):
@@ -17,6 +21,22 @@ class StoreError(RuntimeError):
 def tile_crc(tile: np.ndarray) -> int:
     """CRC32 of the tile's bytes as stored (C order, the store's dtype)."""
     return zlib.crc32(np.ascontiguousarray(tile).tobytes())
+
+
+def plan_digest(plan: np.ndarray) -> dict:
+    """What a plan is checked against: its shape, its tile count and the sha256 of its bytes (bool, C order)."""
+    plan = np.ascontiguousarray(plan, dtype=bool)
+    return {"shape": list(plan.shape), "tiles": int(plan.sum()), "sha256": hashlib.sha256(plan.tobytes()).hexdigest()}
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed zarr writer leaves under folder (<name>.<32 hex>.partial); return them."""
+    gone = []
+    for f in Path(folder).rglob("*.partial"):
+        if f.is_file() and not f.is_symlink() and ZARR_PARTIAL.search(f.name):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
 
 
 def tiled_dimension_names(name: str) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -46,7 +66,7 @@ class TiledArray:
     """Tiled array `name` of the Zarr group at `path` (opened as `group`). A tile (bi, bj) is one chunk; it is done
     when its record X_crc32[bi, bj] is set and its chunk file is present with the size of one uncompressed chunk."""
 
-    def __init__(self, path, name: str, group=None, repair_hint: str = ""):
+    def __init__(self, path, name: str, group=None, repair_hint: str = "", plan_record: dict | None = None):
         self.path = Path(path)
         self.name = name
         self.group = group if group is not None else zarr.open_group(str(self.path), mode="r")
@@ -55,6 +75,7 @@ class TiledArray:
                 raise StoreError(f"{self.path} holds no tiled array {name!r} (no {part!r} array)")
         self.array = self.group[name]
         self.repair_hint = repair_hint
+        self.plan_record = plan_record  # plan_digest of the plan as created; None: not recorded (not checked)
 
     @property
     def n(self) -> int:
@@ -78,13 +99,26 @@ class TiledArray:
         c = self.block_range(bj).stop - self.block_range(bj).start
         return r * (r + 1) // 2 if bi == bj else r * c
 
+    def plan(self) -> np.ndarray:
+        """X_plan as stored, checked against the plan's record when there is one (StoreError naming X_plan)."""
+        what = f"{self.name}_plan of {self.path}"
+        hint = self.repair_hint or "recreate the array"
+        try:
+            plan = self.group[f"{self.name}_plan"][...]
+        except Exception as e:  # noqa: BLE001 - an undecodable plan chunk is a damaged plan
+            raise StoreError(f"{what} is damaged ({type(e).__name__}: {e}): {hint}") from None
+        if self.plan_record is not None and plan_digest(plan) != self.plan_record:
+            raise StoreError(f"{what} is missing or damaged ({int(plan.sum())} tiles planned, the manifest records "
+                             f"{self.plan_record['tiles']} and another checksum): {hint}")
+        return plan
+
     def planned_tiles(self) -> list[tuple[int, int]]:
         """Upper-triangle tiles (bi <= bj) the plan asks for, row-major."""
-        plan = self.group[f"{self.name}_plan"][...]
-        return [(int(i), int(j)) for i, j in zip(*np.nonzero(plan))]
+        return [(int(i), int(j)) for i, j in zip(*np.nonzero(self.plan()))]
 
     def records(self) -> np.ndarray:
-        """(n_blocks, n_blocks) int64: the CRC32 of each done tile, RECORD_FILL where not done."""
+        """(n_blocks, n_blocks) int64: the CRC32 of each done tile, RECORD_FILL where not done, RECORD_REPAIR where
+        found bad and not recomputed yet."""
         return self.group[f"{self.name}_crc32"][...]
 
     def chunk_path(self, bi: int, bj: int) -> Path:
@@ -101,7 +135,7 @@ class TiledArray:
     def done_tiles(self) -> set[tuple[int, int]]:
         """Tiles with a record and a chunk file of the right size."""
         rec = self.records()
-        return {(int(i), int(j)) for i, j in zip(*np.nonzero(rec != RECORD_FILL)) if self.chunk_present(i, j)}
+        return {(int(i), int(j)) for i, j in zip(*np.nonzero(rec >= 0)) if self.chunk_present(i, j)}
 
     def missing_tiles(self) -> list[tuple[int, int]]:
         done = self.done_tiles()
@@ -115,7 +149,7 @@ class TiledArray:
         """Tile (bi, bj) as stored, checked against its CRC record; all NaN when it has no record (not done)."""
         rows, cols = self.block_range(bi), self.block_range(bj)
         rec = int(self.group[f"{self.name}_crc32"][bi, bj])
-        if rec == RECORD_FILL:
+        if rec < 0:
             return np.full((rows.stop - rows.start, cols.stop - cols.start), np.nan, self.array.dtype)
         try:
             tile = self.array[rows, cols]
@@ -132,7 +166,7 @@ class TiledArray:
         for bi in range(self.n_blocks):
             for bj in range(self.n_blocks):
                 block = (self.block_range(bi), self.block_range(bj))
-                if rec[bi, bj] == RECORD_FILL:
+                if rec[bi, bj] < 0:
                     a[block] = np.nan
                 elif tile_crc(a[block]) != rec[bi, bj]:
                     raise self.damaged(bi, bj)
@@ -150,6 +184,22 @@ class TiledArray:
 
     def clear_record(self, bi: int, bj: int) -> None:
         self.group[f"{self.name}_crc32"][bi, bj] = RECORD_FILL
+
+    def mark_for_repair(self, bi: int, bj: int) -> None:
+        """Record tile (bi, bj) as bad (durably): not done, and recomputed by the next repair even if this one dies."""
+        self.group[f"{self.name}_crc32"][bi, bj] = RECORD_REPAIR
+        _fsync(self.path / f"{self.name}_crc32" / "c" / str(bi) / str(bj))
+
+    def tiles_to_repair(self) -> list[tuple[int, int]]:
+        """Tiles marked bad by a repair and not recomputed yet, row-major."""
+        return [(int(i), int(j)) for i, j in zip(*np.nonzero(self.records() == RECORD_REPAIR))]
+
+    def write_plan(self, plan: np.ndarray) -> None:
+        """Rewrite X_plan (one chunk); only a plan equal to its record, when there is one (StoreError otherwise)."""
+        if self.plan_record is not None and plan_digest(plan) != self.plan_record:
+            raise StoreError(f"the plan rebuilt for {self.name}_plan of {self.path} differs from the one recorded in "
+                             "its manifest: not written")
+        self.group[f"{self.name}_plan"][...] = plan
 
     def set_progress(self, info: dict) -> None:
         """Driver-only (one driver holds the lock): rate, workers last seen, times; kept in the array's attributes."""
