@@ -6,19 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import (
-    EpisodeSet,
-    ImageDataset,
-    TaskSet,
-    fit_standardiser,
-    load_image_folder,
-    load_lake_runs,
-    load_omniglot,
-    omniglot_alphabets,
-    resolve_data_root,
-    sample_episodes,
-    standardise_and_pad,
-)
+from ..data import (EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
+                    load_omniglot, omniglot_alphabets, resolve_data_root, sample_episodes, standardise_and_pad)
 from ..data.episodes import family_cut, family_permutation, sample_tasks
 from .config import ConfigError, ExperimentConfig
 from .plan import plan_full, plan_mnk

@@ -9,15 +9,8 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import (
-    ZARR_PARTIAL,
-    StoreError,
-    TiledArray,
-    add_tiled_array,
-    plan_digest,
-    remove_partial_files,
-    symmetric_block,
-)
+from .tiled import (ZARR_PARTIAL, StoreError, TiledArray, add_tiled_array, plan_digest, remove_partial_files,
+                    symmetric_block)
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
 IMAGE_DIMS = ("image", "channel", "y", "x")
