@@ -3,6 +3,7 @@
 import json
 import signal
 import sys
+import threading
 
 import click
 
@@ -22,24 +23,41 @@ def _raise_terminated(signum, frame):
 
 
 def _api(call):
-    """Run call() for a command: its errors become one clear message (exit 1), Ctrl-C exits 130 and SIGTERM 143,
-    each with a one-line message and no traceback, after the store's lock and Ray were released."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    """Run call() for a command: its errors become one clear message (exit 1)."""
     try:
         return call()
-    except KeyboardInterrupt:
-        click.echo(f"\nInterrupted (Ctrl-C): {INTERRUPTED}.", err=True)
-        sys.exit(130)
-    except _Terminated:
-        click.echo(f"\nStopped (SIGTERM): {INTERRUPTED}.", err=True)
-        sys.exit(143)
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _stop(message: str, code: int):
+    click.echo(f"\n{message}: {INTERRUPTED}.", err=True)
+    raise click.exceptions.Exit(code)
+
+
+class _Commands(click.Group):
+    """The command group: Ctrl-C exits 130 and SIGTERM 143 at any moment of any command, each with a one-line
+    message and no traceback, after the store's lock and Ray were released on the way out."""
+
+    def main(self, *args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _stop("Interrupted (Ctrl-C)", 130)
+        except _Terminated:
+            _stop("Stopped (SIGTERM)", 143)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="mnkpipe")
 def main():
     """CNTK and Meta Neural Kernel Gram matrices at scale, and meta-test evaluation with them.
@@ -160,25 +178,26 @@ def status_cmd(store, as_json):
 @click.option("--repair", is_flag=True,
               help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
-@click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
-              help="GPU workers for --repair (for a store computed with --gpus).")
 @click.option("--address", help="Ray cluster for --repair.")
-def verify_cmd(store, repair, cpus, gpus, address):
-    """Check the input arrays, the plan, and every done tile's checksum, finiteness and (diagonal tiles) symmetry.
-    Without --repair it only reads (no lock), so it can run while a driver computes the store."""
-    from .pipeline.driver import repair_store
+def verify_cmd(store, repair, cpus, address):
+    """Check every done tile's checksum, finiteness and (diagonal tiles) symmetry. Without --repair it only reads
+    (no lock), so it can run while a driver computes the store."""
+    from contextlib import nullcontext
+
+    from .pipeline.driver import run_tiles
     from .pipeline.inspect import verify_store
+    from .store import StoreLock
 
     def verify_and_repair():
-        r = repair_store(store, gpus=gpus, cpus=cpus, address=address) if repair else verify_store(store)
-        for note in r.get("notes", []):
-            click.echo(f"note: {note}")
-        for b in r["bad"]:
-            click.echo(f"BAD tile {b['tile']}: {b['problem']}")
-        click.echo(f"{r['checked']} done tiles checked, {len(r['bad'])} bad")
-        if repair:
-            click.echo(f"repaired: {r['tiles_recomputed']} tiles recomputed")
-        return r
+        with StoreLock(store, command=" ".join(sys.argv)) if repair else nullcontext():
+            r = verify_store(store, repair=repair)
+            for b in r["bad"]:
+                click.echo(f"BAD tile {b['tile']}: {b['problem']}")
+            click.echo(f"{r['checked']} done tiles checked, {len(r['bad'])} bad")
+            if repair and r["bad"]:
+                s = run_tiles(store, cpus=cpus, address=address)
+                click.echo(f"repaired: {s['tiles_computed']} tiles recomputed")
+            return r
 
     r = _api(verify_and_repair)
     if r["bad"] and not repair:

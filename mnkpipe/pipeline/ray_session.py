@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 RAY_OPTIONS = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -26,9 +27,10 @@ class NodeLost(Exception):
 
 
 class HeldSignals:
-    """with HeldSignals() as held: ... held.deliver() -- SIGINT and SIGTERM are held while the driver waits inside
-    Ray and raised again by deliver(), between Ray calls, with the handlers from before: an exception raised by a
-    handler inside ray.wait comes out as a SystemError, or is lost."""
+    """with HeldSignals() as held: ... held.deliver() -- SIGINT and SIGTERM are held while the driver is inside Ray
+    (waiting on it, starting or stopping it) and raised again, with the handlers from before (KeyboardInterrupt for
+    Ctrl-C), by deliver() between Ray calls or at the end of the block: an exception raised by a handler inside
+    ray.wait comes out as a SystemError, or is lost, and one inside ray.init or ray.shutdown leaves it half done."""
 
     def __enter__(self):
         self.signum, self.previous = None, {}
@@ -40,57 +42,73 @@ class HeldSignals:
     def _hold(self, signum, frame):
         self.signum = signum
 
-    def __exit__(self, *exc):
+    def restore(self):
+        """Put the handlers from before back, at the OS level too (ray.shutdown resets SIGTERM's to the default
+        there while Python still reports its own)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
+    def __exit__(self, *exc):
+        self.restore()
+        self.deliver()
+
     def deliver(self):
-        """Raise a held signal again, now, with the handlers from before (KeyboardInterrupt for Ctrl-C)."""
+        """Raise a held signal again, now, with the handlers from before."""
         if self.signum is not None:
-            self.__exit__()
-            signal.raise_signal(self.signum)
+            signum, self.signum = self.signum, None
+            self.restore()
+            signal.raise_signal(signum)
 
 
 def start_ray(address: str | None, *, cpus: int | None = None, gpus: int = 0) -> bool:
-    """Start a private local Ray instance (address None) or join the cluster at address; False if Ray was up."""
+    """Start a private local Ray instance (address None) or join the cluster at address; False if Ray was up.
+    Ctrl-C or SIGTERM while Ray starts is held, and raised once the instance is shut down again."""
     import ray
     if ray.is_initialized():
         return False
-    main = threading.current_thread() is threading.main_thread()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    try:
-        if address:
-            ray.init(address=_reachable(address), **RAY_OPTIONS)
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only instance of our own: no token
-            if main:  # its processes inherit an ignored SIGINT: Ctrl-C reaches the driver, which shuts them down
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            ray.init(address="local", num_cpus=cpus or local_cpus(), num_gpus=gpus or None, **RAY_OPTIONS)
-    except ConnectionError as e:
-        raise RayFailure(f"could not join the Ray cluster at --address {address}: {e}") from None
-    finally:
-        for sig, handler in handlers.items():  # ray.init makes SIGTERM sys.exit(15): keep the caller's handlers
-            if handler is not None:
-                signal.signal(sig, handler)
+    with HeldSignals() as held, _without_ray_sigterm_handler():
+        try:
+            if address:
+                ray.init(address=_reachable(address), **RAY_OPTIONS)
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only instance of our own: no token
+                ray.init(address="local", num_cpus=cpus or local_cpus(), num_gpus=gpus or None, **RAY_OPTIONS)
+        except ConnectionError as e:
+            raise RayFailure(f"could not join the Ray cluster at --address {address}: {e}") from None
+        if held.signum is not None:  # stopped while Ray started: the caller never learns it started
+            stop_ray()
     return True
 
 
+@contextmanager
+def _without_ray_sigterm_handler():
+    """ray.init first makes SIGTERM sys.exit(15) wherever it lands, inside ray.init too: keep the caller's handler."""
+    from ray._private import utils
+    original, utils.set_sigterm_handler = utils.set_sigterm_handler, lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+
+
 def stop_ray() -> None:
-    """Shut down the driver's connection, and its private instance if it started one.
+    """Shut down the driver's connection, and its private instance if it started one; Ctrl-C or SIGTERM meanwhile
+    is held and raised after.
 
     Stopped mid-job (Ctrl-C, SIGTERM, a failure), Ray's core worker logs to fd 2 that it cannot report the
     in-flight tiles any more; they are simply computed again on the rerun, so fd 2 is muted for the shutdown."""
     import ray
     sys.stderr.flush()
     saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        ray.shutdown()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with HeldSignals():
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+            ray.shutdown()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def check_private_node() -> None:
