@@ -178,26 +178,25 @@ def status_cmd(store, as_json):
 @click.option("--repair", is_flag=True,
               help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
+@click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
+              help="GPU workers for --repair (for a store computed with --gpus).")
 @click.option("--address", help="Ray cluster for --repair.")
-def verify_cmd(store, repair, cpus, address):
-    """Check every done tile's checksum, finiteness and (diagonal tiles) symmetry. Without --repair it only reads
-    (no lock), so it can run while a driver computes the store."""
-    from contextlib import nullcontext
-
-    from .pipeline.driver import run_tiles
+def verify_cmd(store, repair, cpus, gpus, address):
+    """Check the input arrays, the plan, and every done tile's checksum, finiteness and (diagonal tiles) symmetry.
+    Without --repair it only reads (no lock), so it can run while a driver computes the store."""
+    from .pipeline.driver import repair_store
     from .pipeline.inspect import verify_store
-    from .store import StoreLock
 
     def verify_and_repair():
-        with StoreLock(store, command=" ".join(sys.argv)) if repair else nullcontext():
-            r = verify_store(store, repair=repair)
-            for b in r["bad"]:
-                click.echo(f"BAD tile {b['tile']}: {b['problem']}")
-            click.echo(f"{r['checked']} done tiles checked, {len(r['bad'])} bad")
-            if repair and r["bad"]:
-                s = run_tiles(store, cpus=cpus, address=address)
-                click.echo(f"repaired: {s['tiles_computed']} tiles recomputed")
-            return r
+        r = repair_store(store, gpus=gpus, cpus=cpus, address=address) if repair else verify_store(store)
+        for note in r.get("notes", []):
+            click.echo(f"note: {note}")
+        for b in r["bad"]:
+            click.echo(f"BAD tile {b['tile']}: {b['problem']}")
+        click.echo(f"{r['checked']} done tiles checked, {len(r['bad'])} bad")
+        if repair:
+            click.echo(f"repaired: {r['tiles_recomputed']} tiles recomputed")
+        return r
 
     r = _api(verify_and_repair)
     if r["bad"] and not repair:
