@@ -22,12 +22,13 @@ def store_status(store_path, name: str = "gram") -> dict:
 
 
 def lock_status(store_path) -> dict | None:
-    """The lock's owner info with 'state': alive, dead (stale), unknown (another host) or unreadable; None if free."""
+    """The lock's owner info with 'state': alive, dead (stale), unknown (another host) or foreign (a file at the
+    lock's path that is not mnkpipe's, with its 'path'); None if free."""
     lock = StoreLock(store_path)
     if not lock.path.exists():
         return None
-    owner = lock.owner() or {}
-    return dict(owner, state=owner_state(owner or None))
+    owner = lock.owner()
+    return dict(owner or {"path": str(lock.path)}, state=owner_state(owner))
 
 
 def phi_groups(store_path) -> list[Path]:
@@ -66,8 +67,12 @@ def format_status(s: dict) -> str:
     if lock:
         what = {"alive": "running", "dead": "NOT running: stale lock, the next compute-kernel takes it over",
                 "unknown": "on another host: cannot tell whether it runs",
-                "unreadable": "unreadable lock file"}[lock["state"]]
-        lines.append(f"driver     pid {lock.get('pid')} on {lock.get('host')} since {lock.get('started')}: {what}")
+                "foreign": ""}[lock["state"]]
+        if lock["state"] == "foreign":
+            lines.append(f"driver     {lock['path']} is not an mnkpipe lock file: mnkpipe leaves it alone, and "
+                         "refuses to compute this store until it is moved away")
+        else:
+            lines.append(f"driver     pid {lock['pid']} on {lock['host']} since {lock['started']}: {what}")
     else:
         lines.append("driver     none (not locked)")
     for w, info in sorted(s["workers"].items()):
