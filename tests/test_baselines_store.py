@@ -121,3 +121,37 @@ def test_readme_command_fits_the_smoke_images(smoke_store, tmp_path):
     saved = json.loads((out / "results.json").read_text())["methods"]["maml"]
     assert saved["hyperparameters"]["blocks"] == 4 and saved["hyperparameters"]["device"] == "cpu"
     assert len(saved["per_seed"][0]) == 1
+
+
+def test_fewer_meta_steps_than_a_checkpoint_holds_select_only_among_those_steps(smoke_store, tmp_path):
+    """A 4-step checkpoint asked for 2 steps gives exactly a fresh 2-step run's curve, selection and test accuracy
+    when its best step is within the 2; otherwise, and for a step it was never validated at, a clear refusal."""
+    from dataclasses import replace
+
+    from mnkpipe.baselines.train import run_baseline
+    store = open_store(smoke_store)
+    ep, val_images = store.episodes(), store.array("val_images")[...]
+    images = np.concatenate([store.images(), val_images])
+    val = ep.val.remap(np.arange(len(val_images)) + store.n)
+    long = baseline_settings(None, **dict(TINY, meta_steps=4, eval_every=2))
+    run = dict(images=images, train=ep.train.subset([0, 1]), val=val, test=ep.test, way=ep.way, progress=False)
+    seen = set()
+    for seed in range(4):
+        ckpt = tmp_path / f"seed{seed}"
+        first = run_baseline("maml", settings=long, seed=seed, checkpoint_dir=ckpt, **run)
+        with pytest.raises(ValueError, match=r"seed\d+/checkpoint\.pt holds a run of 4 meta-steps.*not validated at "
+                                             r"step 3.*ask for 4 meta-steps or more"):
+            run_baseline("maml", settings=replace(long, meta_steps=3), seed=seed, checkpoint_dir=ckpt, **run)
+        short = replace(long, meta_steps=2)
+        if first["best_step"] > 2:
+            seen.add("refused")
+            with pytest.raises(ValueError, match="best validation step is 4, after step 2"):
+                run_baseline("maml", settings=short, seed=seed, checkpoint_dir=ckpt, **run)
+            continue
+        seen.add("selected")
+        fresh = run_baseline("maml", settings=short, seed=seed, checkpoint_dir=None, **run)
+        again = run_baseline("maml", settings=short, seed=seed, checkpoint_dir=ckpt, **run)
+        assert again["val_curve"] == fresh["val_curve"] == [(2, first["val_curve"][0][1])]
+        assert again["best_step"] == fresh["best_step"] == 2
+        assert np.array_equal(again["test_acc"], fresh["test_acc"])
+    assert seen == {"refused", "selected"}

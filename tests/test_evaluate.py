@@ -129,17 +129,21 @@ def test_stored_meta_kernels_match_dense_phi_train(smoke_store, evaluated):
 
 
 def test_interrupted_evaluate_reruns_and_reuses_phi(smoke_store, tmp_path):
-    """A Phi group whose creation stopped after its attributes, or whose tiles are partly done, is completed."""
+    """A Phi group whose creation stopped half-way (left under .partial/, never renamed into place), or whose tiles
+    are partly done, is completed (tests/test_derived.py kills real runs at each write)."""
     kw = dict(train_counts=[1, 2], seeds=1, methods=["mnk"], augment=[1, 2], cpus=2, progress=False)
     first = evaluate(smoke_store, out=tmp_path / "a", **kw)
     groups = sorted((tmp_path / "a" / "phi").iterdir())
-    g0 = zarr.open_group(str(groups[0]), mode="r+")
-    for name in (ARRAY, f"{ARRAY}_plan", f"{ARRAY}_crc32"):  # as if stopped right after writing the attributes
+    partial = tmp_path / "a" / ".partial" / f"phi-{groups[0].name}"
+    partial.parent.mkdir()
+    groups[0].rename(partial)
+    g0 = zarr.open_group(str(partial), mode="r+")
+    for name in (ARRAY, f"{ARRAY}_crc32"):  # as if stopped right after writing the attributes and the plan
         del g0[name]
     zarr.open_group(str(groups[1]), mode="r+")[f"{ARRAY}_crc32"][0, 0] = -1  # as if stopped before a tile
     again = evaluate(smoke_store, out=tmp_path / "a", **kw)
     assert again["methods"] == first["methods"]
-    assert sorted((tmp_path / "a" / "phi").iterdir()) == groups
+    assert sorted((tmp_path / "a" / "phi").iterdir()) == groups and not (tmp_path / "a" / ".partial").exists()
 
 
 def test_augment_tasks_repartitions_the_same_images():

@@ -124,6 +124,24 @@ def _meta_step(method, model, params, buffers, batch, s: BaselineSettings) -> fl
     return None
 
 
+def shorter_run(ckpt: Path, st: dict, steps: int) -> list:
+    """The validation curve of the first `steps` meta-steps of the longer run in checkpoint st, whose selection
+    (argmax of that curve) is then the checkpoint's best: ValueError naming the checkpoint when the run was not
+    validated at step `steps`, or when its best step lies beyond (earlier parameters are not kept)."""
+    curve = [(k, a) for k, a in st["curve"] if k <= steps]
+    why = None
+    if steps not in {k for k, _ in st["curve"]}:
+        why = f"it was not validated at step {steps} (validated at {', '.join(str(k) for k, _ in st['curve'])})"
+    elif st["best_step"] > steps:
+        why = (f"its best validation step is {st['best_step']}, after step {steps}, and the parameters of earlier "
+               "steps are not kept")
+    if why:
+        raise ValueError(f"checkpoint {ckpt} holds a run of {st['step']} meta-steps, more than the {steps} asked for, "
+                         f"and cannot give a {steps}-step run's selection: {why}; ask for {st['step']} meta-steps or "
+                         "more, or use another --out")
+    return curve
+
+
 def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int, settings: BaselineSettings,
                  seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
                  device="cpu", run_key: dict | None = None) -> dict:
@@ -170,10 +188,12 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
         opt.load_state_dict(st["opt"])
         step, curve, best_acc, best_step = st["step"], list(st["curve"]), st["best_acc"], st["best_step"]
         best_params, best_buffers = st["best_params"], st["best_buffers"]
+        if step > s.meta_steps:  # a longer run: its selection among the steps asked for, when it holds it
+            curve = shorter_run(ckpt, st, s.meta_steps)
         rng.bit_generator.state = st["np_rng"]
         torch.set_rng_state(st["torch_rng"].cpu())
 
-    bar = tqdm(range(step, s.meta_steps), initial=step, total=s.meta_steps, disable=not progress,
+    bar = tqdm(range(step, s.meta_steps), initial=min(step, s.meta_steps), total=s.meta_steps, disable=not progress,
                desc=f"{method} meta-train")
     for step in bar:
         idx = rng.choice(n_train, size=batch_size, replace=False)

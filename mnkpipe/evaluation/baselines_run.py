@@ -1,8 +1,9 @@
 """MAML and iMAML on exactly the store's episodes: the same training subsets as evaluate, validation-selected.
 
-Checkpoints and results are tied to the store: checkpoint folders are keyed by the store's fingerprint and the
-settings (and each checkpoint checks them on load), and results are never merged into a results.json written for a
-store with another fingerprint (a store rebuilt at the same path with another seed or other tasks).
+Checkpoints and results are tied to the store: checkpoint folders are keyed by the store's Gram key (fingerprint
+and kernel settings) and the settings (and each checkpoint checks them on load), each made under its own lock, and
+results are never merged into a results.json written for another Gram (a store rebuilt at the same path with another
+seed, other tasks or another kernel).
 """
 
 import hashlib
@@ -15,6 +16,7 @@ import numpy as np
 from ..baselines.train import BaselineSettings, resolve_device, run_baseline
 from ..pipeline.config import _section, read_table
 from ..store import open_store
+from .derived import check_results_dir, claim_results_dir, held, store_gram_key
 from .protocol import check_counts, default_counts, subset_size, train_subsets
 from .report import write_results
 from .results import merged, method_record, results_dir, results_header
@@ -30,9 +32,9 @@ def baseline_settings(config_path=None, **overrides) -> BaselineSettings:
     return s
 
 
-def checkpoint_key(fingerprint: str, way: int, settings: BaselineSettings) -> str:
-    """sha256 of the store fingerprint, way and the settings except meta_steps (a longer run resumes a shorter one)."""
-    ident = {"store": fingerprint, "way": way,
+def checkpoint_key(gram_key: str, way: int, settings: BaselineSettings) -> str:
+    """sha256 of the store's Gram key, way and the settings except meta_steps (a longer run resumes a shorter one)."""
+    ident = {"store": gram_key, "way": way,
              "settings": {k: v for k, v in asdict(settings).items() if k != "meta_steps"}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -49,29 +51,31 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
     settings.validate()
     device = resolve_device(device)
     store = open_store(store_path)
-    fingerprint = store.manifest["fingerprint"]
+    gram_key = store_gram_key(store)
     ep = store.episodes()
     if ep.val is None or ep.val.n_tasks == 0:
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
     counts = check_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
-    out_dir = results_dir(store.path, out)
+    out_dir = check_results_dir(results_dir(store.path, out), store.path)  # outside the store, made by mnkpipe
     results = results_header(store)
     merged(out_dir / "results.json", results)  # refuses another store's results before any training
+    claim_results_dir(out_dir, store.path)
     val_images = store.array("val_images")[...]
     images = np.concatenate([store.images(), val_images])  # validation tasks index val_images: stack them after
     val = ep.val.remap(np.arange(len(val_images)) + store.n)  # the pool and shift their indices
     ckpt_root = out_dir / "checkpoints"
-    key = checkpoint_key(fingerprint, ep.way, settings)
+    key = checkpoint_key(gram_key, ep.way, settings)
     for method in methods:
         per = {n: np.zeros((seeds, ep.test.n_tasks)) for n in counts}
         info = {}
         t0 = time.time()
         for s in range(seeds):
             for n, subset in train_subsets(ep.train.n_tasks, counts, s).items():
-                r = run_baseline(method, images, ep.train.subset(subset), val, ep.test, way=ep.way,
-                                 settings=settings, seed=s, checkpoint_dir=ckpt_root / f"{method}-n{n}-s{s}-{key}",
-                                 progress=progress, device=device,
-                                 run_key={"store_fingerprint": fingerprint, "train_tasks": subset.tolist()})
+                ckpt = ckpt_root / f"{method}-n{n}-s{s}-{key}"
+                with held(out_dir, ckpt):  # one run trains it, a second one on the same folder waits and resumes it
+                    r = run_baseline(method, images, ep.train.subset(subset), val, ep.test, way=ep.way,
+                                     settings=settings, seed=s, checkpoint_dir=ckpt, progress=progress, device=device,
+                                     run_key={"gram_key": gram_key, "train_tasks": subset.tolist()})
                 per[n][s] = r["test_acc"]
                 info[f"n{n}-s{s}"] = {"best_step": r["best_step"], "best_val_acc": r.get("best_val_acc"),
                                       "seconds": r["seconds"]}

@@ -12,6 +12,7 @@ import numpy as np
 from ..data import TaskSet
 from ..kernels import mnk
 from ..pipeline.config import _section, read_table
+from .derived import write_json_whole
 
 LABEL_MODES = ("onehot", "embedding")
 
@@ -35,14 +36,21 @@ def extractor_training_set(tasks: TaskSet) -> tuple[np.ndarray, np.ndarray]:
     return idx, cls[first]
 
 
-def extractor_dir(results: Path, fingerprint: str, subset, seed: int, settings) -> Path:
-    """<results>/extractors/<key>/: checkpoints of the extractor of one training subset and seed, with key.json."""
-    key = {"gram_fingerprint": fingerprint, "train_tasks": [int(i) for i in subset], "seed": int(seed),
-           "settings": asdict(settings)}
-    path = Path(results) / "extractors" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+def extractor_key(gram_key: str, subset, seed: int, settings) -> dict:
+    """What an extractor's checkpoints depend on: the store's Gram key, the training subset, the seed, the settings."""
+    return {"gram_key": gram_key, "train_tasks": [int(i) for i in subset], "seed": int(seed),
+            "settings": asdict(settings)}
+
+
+def extractor_dir(results: Path, key: dict) -> Path:
+    """<results>/extractors/<hash of key>/: checkpoints of the extractor of one training subset and seed."""
+    return Path(results) / "extractors" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_extractor_key(path: Path, key: dict) -> None:
+    """The folder, with key.json saying which extractor it holds (one document, written whole)."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "key.json").write_text(json.dumps(key, indent=1))
-    return path
+    write_json_whole(path / "key.json", key)
 
 
 def pool_embeddings(images: np.ndarray, train: TaskSet, settings, *, seed: int, checkpoint_dir: Path,

@@ -2,9 +2,10 @@
 in the store.
 
 Each group <results>/phi/<key>/ holds one tiled array `mnk` (with `mnk_plan`, `mnk_crc32`) over the stacked queries
-of its training tasks, and attributes written when the group is created: the Gram store's fingerprint and path and
-every setting the key covers. Its tiles are computed by the Ray driver from a PhiSource, which reads only the Gram
-tiles it needs (a bounded cache of them), never the whole Gram.
+of its training tasks, and one attribute document written with the group: the store's Gram key (its fingerprint and
+kernel settings), fingerprint and path, and every setting the key covers. A group is built under
+<results>/.partial/ and renamed into place, so it is there whole or not at all. Its tiles are computed by the Ray
+driver from a PhiSource, which reads only the Gram tiles it needs (a bounded cache of them), never the whole Gram.
 """
 
 import hashlib
@@ -19,15 +20,19 @@ import zarr
 from ..data import TaskSet
 from ..kernels import mnk
 from ..store import StoreError, TiledArray, add_tiled_array, open_store, symmetric_block
+from .derived import create_whole, store_gram_key
 
 INF = mnk.INF
 ARRAY = "mnk"
-FORMAT = "mnkpipe-phi/1"
+FORMAT = "mnkpipe-phi/2"
 
 
-def phi_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True) -> dict:
-    """What Phi_train depends on besides the Gram and the tasks: ridge and eta of the inner operator, cosine K."""
-    return {"ridge": float(ridge), "eta": str(float(eta)), "normalise_k": bool(normalise)}
+def phi_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True,
+                 conventions: str = "formulas") -> dict:
+    """What Phi_train depends on besides the Gram and the tasks: ridge and eta of the inner operator, cosine K, and
+    conventions="authors" when asked (docs/conventions.md; absent for the formulas, whose groups keep their keys)."""
+    s = {"ridge": float(ridge), "eta": str(float(eta)), "normalise_k": bool(normalise)}
+    return s if conventions == "formulas" else {**s, "conventions": conventions}
 
 
 class CachedGram:
@@ -64,12 +69,15 @@ class CachedGram:
 def kernel_reader(store, settings: dict, max_bytes: float = 1e9):
     """The (cosine-normalised when settings say so) base-kernel reader of a store, and its raw CachedGram."""
     gram = CachedGram(store, max_bytes)
+    if settings.get("conventions") == "authors":  # n(K + ridge I), docs/conventions.md
+        return mnk.ridged_cosine_normalised(gram, gram.diag, settings["ridge"]), gram
     return (mnk.cosine_normalised(gram, gram.diag) if settings["normalise_k"] else gram), gram
 
 
 def task_ops_list(kb, tasks: TaskSet, settings: dict) -> list:
     """TaskOps (T_tau, r_tau with centred one-hot labels, ...) of every task in a TaskSet."""
-    return [mnk.task_ops(kb, s, sl, q, ql, way=tasks.way, eta=float(settings["eta"]), ridge=settings["ridge"])
+    return [mnk.task_ops(kb, s, sl, q, ql, way=tasks.way, eta=float(settings["eta"]), ridge=settings["ridge"],
+                         conventions=settings.get("conventions", "formulas"))
             for s, sl, q, ql in zip(tasks.support, tasks.support_labels, tasks.query, tasks.query_labels)]
 
 
@@ -92,42 +100,47 @@ class PhiSource:
 
 
 def phi_attrs(store, settings: dict, augment: int, subset=None, seed=None) -> dict:
-    """What a Phi group covers: the store (fingerprint, path), the settings, and for augmented tasks (which depend on
-    the training subset and the seed that drew them) those too."""
-    a = {"format": FORMAT, "gram_fingerprint": store.manifest["fingerprint"], "gram_store": str(store.path),
-         **settings, "augment": int(augment)}
+    """What a Phi group covers: the store's Gram (its key: fingerprint and kernel settings; and where it was), the
+    settings, and for augmented tasks (which depend on the training subset and the seed that drew them) those too."""
+    a = {"format": FORMAT, "gram_key": store_gram_key(store), "gram_fingerprint": store.manifest["fingerprint"],
+         "gram_store": str(Path(store.path).resolve()), **settings, "augment": int(augment)}
     if augment > 1:
         a.update(train_tasks=[int(i) for i in subset], seed=int(seed))
     return a
 
 
+def covered(attrs: dict) -> dict:
+    """The attributes a Phi group's key covers: all but the store's path (the same store, moved or named by another
+    path, keeps its Phi)."""
+    return {k: v for k, v in attrs.items() if k != "gram_store"}
+
+
 def phi_key(attrs: dict) -> str:
-    """Folder name of a Phi group: a hash of its attributes except the store's path (a moved store keeps its Phi)."""
-    covered = {k: v for k, v in attrs.items() if k != "gram_store"}
-    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:16]
+    """Folder name of a Phi group: a hash of its covered attributes."""
+    return hashlib.sha256(json.dumps(covered(attrs), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def phi_path(results: Path, attrs: dict) -> Path:
+    return Path(results) / "phi" / phi_key(attrs)
 
 
 def prepare_phi(results: Path, attrs: dict, tasks: TaskSet, tile_size: int) -> Path:
-    """Create <results>/phi/<key>/ with its attributes first, then its tiled `mnk` array (full plan); or check an
-    existing group's attributes. Safe to rerun after an interruption at any point."""
-    path = Path(results) / "phi" / phi_key(attrs)
-    if (path / "zarr.json").exists():
-        root = zarr.open_group(str(path), mode="r+")
-        have = dict(root.attrs)
-        if have != attrs:
-            raise StoreError(f"{path} holds a meta-kernel array for other settings ({have}); move it away")
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(path), mode="w-")
-        root.attrs.update(attrs)
-    if f"{ARRAY}_crc32" not in root:  # add_tiled_array creates it last
-        m = int(tasks.query.size)
-        for name in (ARRAY, f"{ARRAY}_plan"):  # a creation interrupted half-way
-            if name in root:
-                del root[name]
-        nb = -(-m // tile_size)
-        add_tiled_array(root, ARRAY, m, tile_size, "float64", np.triu(np.ones((nb, nb), bool)))
+    """<results>/phi/<key>/ with its attributes and its empty tiled `mnk` array (full plan), created whole or not
+    at all; or an existing group, its attributes checked. Call it holding the group's lock (derived.held)."""
+    path = phi_path(results, attrs)
+    if not (path / "zarr.json").exists():
+        create_whole(results, path, lambda tmp: _new_group(tmp, attrs, int(tasks.query.size), tile_size))
+    have = dict(zarr.open_group(str(path), mode="r").attrs)
+    if covered(have) != covered(attrs):
+        raise StoreError(f"{path} holds a meta-kernel array for other settings ({have}); move it away")
     return path
+
+
+def _new_group(path: Path, attrs: dict, m: int, tile_size: int) -> None:
+    """A Zarr group at path with attrs as its one attribute document and an empty (m, m) tiled `mnk` array."""
+    root = zarr.create_group(str(path), attributes=attrs)
+    nb = -(-m // tile_size)
+    add_tiled_array(root, ARRAY, m, tile_size, "float64", np.triu(np.ones((nb, nb), bool)))
 
 
 def read_phi(path: Path) -> np.ndarray:

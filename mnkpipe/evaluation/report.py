@@ -6,6 +6,7 @@ import fcntl
 import json
 from pathlib import Path
 
+from .derived import check_results_dir, claim_results_dir
 from .results import merged, method_label
 
 ORDER = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn", "maml", "imaml")
@@ -14,9 +15,9 @@ X_AXES = {"tasks": ("n_train_tasks", "number of training tasks"),
 
 
 def write_results(results: dict, out: Path) -> Path:
-    """results.json (merged with the methods already there, refused if they come from another store), then render."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """results.json (merged with the methods already there, refused if they come from another store), then render;
+    only into a folder mnkpipe made (or a new or empty one, which it marks), never inside the store."""
+    out = claim_results_dir(out, results.get("store"))
     path = out / "results.json"
     with open(out / "results.json.lock", "w") as lock:  # evaluate and baselines may finish at the same moment
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -33,14 +34,16 @@ def _methods(results: dict):
     return sorted(results["methods"], key=lambda k: (rank.get(k.split("/")[0], len(ORDER)), k))
 
 
-def render(out_dir, x: str = "tasks") -> dict:
-    """Write results.csv, results.md and accuracy.png from results.json in out_dir; returns the paths."""
+def render(out_dir, x: str = "tasks", store=None) -> dict:
+    """Write results.csv, results.md and accuracy.png from results.json in out_dir (a folder mnkpipe made, outside
+    the store when one is named); returns the paths."""
     if x not in X_AXES:
         raise ValueError(f"--x must be one of {', '.join(X_AXES)}; got {x!r}")
-    out = Path(out_dir)
+    out = check_results_dir(out_dir, store)
     path = out / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"no results.json in {out}: run `mnkpipe evaluate` (and `mnkpipe baselines`) first")
+    claim_results_dir(out, store)
     results = json.loads(path.read_text())
     methods = _methods(results)
     with open(out / "results.csv", "w", newline="") as f:

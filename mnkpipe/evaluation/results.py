@@ -1,5 +1,5 @@
-"""What results.json holds: its header (store, config, versions), one record per method, and merging that refuses
-results of another store."""
+"""What results.json holds: its header (store, Gram key, config, versions), one record per method, and merging that
+refuses results of another store or kernel."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from .. import __version__
+from .derived import RESULTS_FORMAT, gram_key, gram_settings, store_gram_key
 
 METHOD_NAMES = {"mnk": "MNK", "meta_term": "MNK meta term alone", "r_t": "CNTK on test support only (r_t)",
                 "embedding_1nn": "1-NN in the extractor's embedding space", "pixel_1nn": "1-NN on pixels",
@@ -96,12 +97,13 @@ def method_record(counts, per: dict, sizes: dict, hyperparameters: dict, note: s
 
 
 def results_header(store) -> dict:
-    """Where the numbers come from: store path and fingerprint, its config, mnkpipe version and git commit, date."""
+    """Where the numbers come from: store path, Gram key and fingerprint, its config, mnkpipe version and git
+    commit, date."""
     ep = store.episodes()
-    return {"format": "mnkpipe-results/1", "store": str(store.path), "fingerprint": store.manifest["fingerprint"],
-            "config": store.manifest["config"], "mnkpipe_version": __version__, "git_commit": _git_commit(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_test_tasks": ep.test.n_tasks, "way": ep.way,
-            "shot": ep.shot, "methods": {}}
+    return {"format": RESULTS_FORMAT, "store": str(Path(store.path).resolve()), "gram_key": store_gram_key(store),
+            "fingerprint": store.manifest["fingerprint"], "config": store.manifest["config"],
+            "mnkpipe_version": __version__, "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "n_test_tasks": ep.test.n_tasks, "way": ep.way, "shot": ep.shot, "methods": {}}
 
 
 def _git_commit() -> str | None:
@@ -117,12 +119,34 @@ def _git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def header_key(header: dict) -> str:
+    """The Gram key of a results header, from its fingerprint and config (headers without a gram_key too)."""
+    return gram_key(header.get("fingerprint"), header.get("config") or {})
+
+
 def check_same_store(path: Path, old: dict, new: dict) -> None:
-    """Refuse to merge results of two different stores (fingerprints), naming both."""
-    if old.get("fingerprint") != new.get("fingerprint"):
+    """Refuse to merge results of two different Grams (other images, tasks or kernel settings), naming both
+    stores and what differs; the same store under another path is the same store."""
+    if header_key(old) != header_key(new):
+        differ = _differences(gram_settings(old.get("config") or {}), gram_settings(new.get("config") or {}))
+        if old.get("fingerprint") != new.get("fingerprint"):
+            differ.insert(0, "images or tasks (fingerprint)")
         raise ValueError(f"{path} holds results of store {old.get('store')} (fingerprint "
                          f"{str(old.get('fingerprint'))[:12]}), not of {new.get('store')} (fingerprint "
-                         f"{str(new.get('fingerprint'))[:12]}); refusing to merge them: use another --out")
+                         f"{str(new.get('fingerprint'))[:12]}); refusing to merge them (they differ in "
+                         f"{', '.join(differ)}): use another --out")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'kernel.depth: 3 there, 4 here' for each setting that differs between two nested dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)} there, {json.dumps(b)} here")
+    return out
 
 
 def merged(path: Path, results: dict) -> dict:
