@@ -246,13 +246,16 @@ def _show_results(store, out):
               help="Inner-loop time (lr x steps); inf = converged.")
 @click.option("--t-outer", default="inf", show_default=True, type=float, help="Outer-loop time; inf = converged.")
 @click.option("--no-normalise", is_flag=True, help="No cosine normalisation of K and Phi.")
+@click.option("--conventions", default="formulas", show_default=True,
+              help="formulas (docs/math.md), or authors: the authors' code's placement of the ridge "
+                   "(docs/conventions.md); rows mnk-authors, meta_term-authors, r_t-authors.")
 @click.option("--phi-tile-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="Tile size of the meta-kernel arrays.")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for the meta-kernel tiles.")
 @click.option("--address", help="Ray cluster for the meta-kernel tiles.")
 @click.option("--no-progress", is_flag=True)
 def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, config, ridge, eta, t_outer, no_normalise,
-                 phi_tile_size, cpus, address, no_progress):
+                 conventions, phi_tile_size, cpus, address, no_progress):
     """Meta-test accuracy vs number of training tasks: MNK and its ablations (meta term alone, r_t, embedding
     1-NN, pixel 1-NN), in one or both label modes, with and without task augmentation.
 
@@ -263,7 +266,8 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
     from .evaluation.evaluate import evaluate
     _api(lambda: evaluate(store, train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels,
                           augment=augment, config=config, ridge=ridge, eta=eta, t_outer=t_outer,
-                          normalise=not no_normalise, phi_tile_size=phi_tile_size, cpus=cpus, address=address,
+                          normalise=not no_normalise, conventions=conventions,
+                          phi_tile_size=phi_tile_size, cpus=cpus, address=address,
                           progress=not no_progress))
     _show_results(store, out)
 

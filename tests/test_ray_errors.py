@@ -91,9 +91,7 @@ def test_a_worker_that_does_not_see_the_store_or_runs_another_version_names_its_
 
 def test_a_tile_that_fails_on_a_worker_is_a_clear_error(env, tmp_path, omniglot_root):
     store = prepare_store(load_config(SMOKE), tmp_path / "s.zarr", data=str(omniglot_root))
-    for chunk in (store.path / "images" / "c").rglob("*"):
-        if chunk.is_file():
-            chunk.write_bytes(b"not a chunk")
+    (store.path / "gram" / "c").write_text("a file where the tiles' folder goes: writing any tile fails")
     r = compute(store.path, "--cpus", "1", env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "Error: a worker failed:" in r.stderr and "rerun the same command" in r.stderr, r.stderr

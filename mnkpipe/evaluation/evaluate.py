@@ -21,6 +21,7 @@ from .report import write_results
 from .results import merged, method_key, method_record, results_dir, results_header
 
 KERNEL_METHODS = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn")
+CONVENTION_METHODS = ("mnk", "meta_term", "r_t")  # the methods conventions="authors" changes, keyed mnk-authors, ...
 
 
 def pixel_1nn(images: np.ndarray, support, support_labels, query) -> np.ndarray:
@@ -58,12 +59,17 @@ def check_options(methods, labels, augment, seeds, ridge, eta, t_outer) -> None:
 
 def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods=KERNEL_METHODS, labels=("onehot",),
              augment=(1,), ridge: float = 1e-5, eta: float = INF, t_outer: float = INF, normalise: bool = True,
-             config=None, phi_tile_size: int = 256, max_bytes: float = 1e9, cpus: int | None = None,
+             conventions: str = "formulas", config=None, phi_tile_size: int = 256, max_bytes: float = 1e9, cpus: int | None = None,
              address: str | None = None, progress: bool = True) -> dict:
     """Accuracy on every test task of each method, label mode and augmentation K, per count of training tasks and
     seed; results.json (merged with what the same store's results folder holds) and its rendering in `out`."""
     methods, labels, augment = list(methods), list(labels), sorted(set(int(k) for k in augment))
     check_options(methods, labels, augment, seeds, ridge, eta, t_outer)
+    if conventions not in mnk.CONVENTIONS or (conventions == "authors" and not normalise):
+        raise ValueError(f"--conventions must be one of {', '.join(mnk.CONVENTIONS)} (authors with the cosine "
+                         f"normalisations, not --no-normalise); got {conventions}")
+    if conventions != "formulas":  # the other methods do not depend on the conventions: evaluated with the formulas
+        methods = [m for m in methods if m in CONVENTION_METHODS]
     store = open_store(store_path)  # read-only: evaluate writes nothing into the store
     ep = store.episodes()
     check_complete(store)
@@ -75,7 +81,7 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
     claim_results_dir(out, store.path)
     emb_settings = embedding_settings(config) if "embedding" in labels else None
 
-    settings = phi_settings(ridge, eta, normalise)
+    settings = phi_settings(ridge, eta, normalise, conventions)
     kb, _ = kernel_reader(store, settings, max_bytes)
     test = ep.test
     test_ops = task_ops_list(kb, test, settings)
@@ -155,7 +161,8 @@ def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods
             h["augment"] = int(rest[1][1:])
         if "embedding" in key and emb_settings is not None:
             h["embedding"] = asdict(emb_settings)
-        results["methods"][key] = method_record(counts, per[key], sizes, h)
+        name = key if conventions == "formulas" else f"{method}-{conventions}{key[len(method):]}"  # mnk-authors/...
+        results["methods"][name] = method_record(counts, per[key], sizes, h)
     write_results(results, out)
     return results
 
@@ -171,7 +178,8 @@ def meta_predictions(kb, tasks, phi, tests: dict, support_labels, emb, settings:
         train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb, test=False) for o, sl, ql in
                                                  zip(ops, tasks.support_labels, tasks.query_labels)]
         fits[lab] = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
-                                normalise_phi=settings["normalise_k"])
+                                normalise_phi=settings["normalise_k"],
+                                conventions=settings.get("conventions", "formulas"))
     out = {(m, lab): [] for m in ("mnk", "meta_term") for lab in tests}
     any_fit = next(iter(fits.values()))  # Phi(X_t, X_train) and its normalisation do not depend on the labels
     for i, t in enumerate(next(iter(tests.values()))):

@@ -27,9 +27,12 @@ ARRAY = "mnk"
 FORMAT = "mnkpipe-phi/2"
 
 
-def phi_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True) -> dict:
-    """What Phi_train depends on besides the Gram and the tasks: ridge and eta of the inner operator, cosine K."""
-    return {"ridge": float(ridge), "eta": str(float(eta)), "normalise_k": bool(normalise)}
+def phi_settings(ridge: float = 1e-5, eta: float = INF, normalise: bool = True,
+                 conventions: str = "formulas") -> dict:
+    """What Phi_train depends on besides the Gram and the tasks: ridge and eta of the inner operator, cosine K, and
+    conventions="authors" when asked (docs/conventions.md; absent for the formulas, whose groups keep their keys)."""
+    s = {"ridge": float(ridge), "eta": str(float(eta)), "normalise_k": bool(normalise)}
+    return s if conventions == "formulas" else {**s, "conventions": conventions}
 
 
 class CachedGram:
@@ -66,12 +69,15 @@ class CachedGram:
 def kernel_reader(store, settings: dict, max_bytes: float = 1e9):
     """The (cosine-normalised when settings say so) base-kernel reader of a store, and its raw CachedGram."""
     gram = CachedGram(store, max_bytes)
+    if settings.get("conventions") == "authors":  # n(K + ridge I), docs/conventions.md
+        return mnk.ridged_cosine_normalised(gram, gram.diag, settings["ridge"]), gram
     return (mnk.cosine_normalised(gram, gram.diag) if settings["normalise_k"] else gram), gram
 
 
 def task_ops_list(kb, tasks: TaskSet, settings: dict) -> list:
     """TaskOps (T_tau, r_tau with centred one-hot labels, ...) of every task in a TaskSet."""
-    return [mnk.task_ops(kb, s, sl, q, ql, way=tasks.way, eta=float(settings["eta"]), ridge=settings["ridge"])
+    return [mnk.task_ops(kb, s, sl, q, ql, way=tasks.way, eta=float(settings["eta"]), ridge=settings["ridge"],
+                         conventions=settings.get("conventions", "formulas"))
             for s, sl, q, ql in zip(tasks.support, tasks.support_labels, tasks.query, tasks.query_labels)]
 
 

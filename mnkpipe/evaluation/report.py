@@ -31,7 +31,7 @@ def write_results(results: dict, out: Path) -> Path:
 
 def _methods(results: dict):
     rank = {m: i for i, m in enumerate(ORDER)}
-    return sorted(results["methods"], key=lambda k: (rank.get(k.split("/")[0], len(ORDER)), k))
+    return sorted(results["methods"], key=lambda k: (rank.get(k.split("/")[0].split("-")[0], len(ORDER)), k))
 
 
 def render(out_dir, x: str = "tasks", store=None) -> dict:
@@ -98,7 +98,7 @@ def _plot(results: dict, methods, png: Path, x: str) -> None:
         m = [100 * v for v in r["mean"]]
         err = [[100 * (v - lo) for v, (lo, _) in zip(r["mean"], r["ci95"])],
                [100 * (hi - v) for v, (_, hi) in zip(r["mean"], r["ci95"])]]
-        flat = k.split("/")[0] in ("r_t", "pixel_1nn", "embedding_1nn", "meta_term")
+        flat = k.split("/")[0].split("-")[0] in ("r_t", "pixel_1nn", "embedding_1nn", "meta_term")
         ax.errorbar(xs, m, yerr=err, marker="os^Dv"[i % 5], markersize=4, capsize=2, linewidth=1,
                     color=plt.cm.tab20(i % 20), label=f"{method_label(k)} ({r['seeds']} seeds)",
                     linestyle="--" if flat else "-")

@@ -24,9 +24,10 @@ def method_key(method: str, labels: str | None = None, augment: int | None = Non
 
 
 def method_label(key: str) -> str:
-    """Human label of a method key: 'MNK, embedding labels, tasks x15'."""
+    """Human label of a method key: 'MNK, embedding labels, tasks x15'; mnk-authors/...: 'MNK, authors' conventions'."""
     method, *rest = key.split("/")
-    parts = [METHOD_NAMES.get(method, method)]
+    base, _, conventions = method.partition("-")
+    parts = [METHOD_NAMES.get(base, base)] + ([f"{conventions}' conventions"] if conventions else [])
     for r in rest:
         parts.append(f"tasks x{r[1:]}" if r.startswith("K") else f"{r} labels")
     return ", ".join(parts)
