@@ -53,7 +53,10 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None,
                              "(nothing was changed): give a new or empty --store path")
         store = open_store(store_path, mode="r+")  # a Zarr group not made by mnkpipe: StoreError, untouched
         diffs = describe_differences(store.manifest["config"], cfg.to_dict())
-        if store.backend is not None and store.backend != backend:  # tiles of two backends differ in the last bits
+        if store.backend is None:
+            print(f"note: {store_path} does not record the backend its tiles were computed with (made before mnkpipe "
+                  f"recorded it): computing its missing tiles with {backend}", file=sys.stderr)
+        elif store.backend != backend:  # tiles of two backends differ in the last bits
             diffs.append(f'backend: store has "{store.backend}", now "{backend}" (--gpus > 0 computes with cupy)')
         if store.manifest["fingerprint"] != exp.fingerprint():
             diffs.append("dataset/episodes fingerprint: the images or tasks differ from those the store was made with")
@@ -110,7 +113,7 @@ def repair_store(store_path, *, gpus: int = 0, cpus: int | None = None, address:
             ta.mark_for_repair(*b["tile"])
         todo = ta.tiles_to_repair()
         s = run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress, tiles=todo) if todo else {}
-    return dict(result, notes=notes, tiles_recomputed=s.get("tiles_computed", 0))
+    return dict(result, notes=notes + result["notes"], tiles_recomputed=s.get("tiles_computed", 0))
 
 
 def _make_workers(source, target: TiledArray, gpus: int, cpus: int | None):
@@ -149,7 +152,10 @@ def run_tiles(store_path, *, name: str = "gram", source=None, gpus: int = 0, cpu
     else:
         target = TiledArray(store_path, name, group=zarr.open_group(str(store_path), mode="r+"))
     only = None if tiles is None else {tuple(t) for t in tiles}
-    missing = lambda: [t for t in target.missing_tiles() if only is None or t in only]  # noqa: E731
+
+    def missing() -> list[tuple[int, int]]:
+        return [t for t in target.missing_tiles() if only is None or t in only]
+
     todo = missing()
     if name == "gram" and todo:
         store.check_inputs()  # tiles computed from damaged images or scale maps would be wrong
