@@ -23,17 +23,17 @@ RESTARTS = 3  # restarts of Ray in a row, without a tile finished in between, be
 
 
 def rebuild_plan(store, plan: np.ndarray) -> bool:
-    """Under the lock: rewrite gram_plan when it is missing or damaged (plan: the one rebuilt from config and
-    episodes, written only if it equals the manifest's record); True when it was rewritten."""
+    """Under the lock: rewrite gram_plan when it is lost or damaged (it differs from the manifest's digest, or, in a
+    store made before the digest was recorded, it is unreadable or plans no tile) with `plan`, the plan rebuilt
+    from config and episodes, written only if it equals the recorded digest; True when it was rewritten."""
     ta = store.tiled("gram")
     try:
-        if np.array_equal(ta.plan(), plan):
+        if ta.plan().any():  # plan() raises when the plan differs from its digest (or its chunk is undecodable)
             return False
     except StoreError:
         pass
     ta.write_plan(plan)
-    print(f"gram_plan rebuilt from the config and episodes of {store.path} (it was missing or damaged)",
-          file=sys.stderr)
+    print(f"gram_plan rebuilt from the config and episodes of {store.path} (it was lost or damaged)", file=sys.stderr)
     return True
 
 
