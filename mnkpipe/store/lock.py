@@ -1,12 +1,12 @@
 """One driver per store: a lock file <store>.lock beside it with owner info; a lock whose owner is gone is stale.
 
-A lock file is mnkpipe's only when it is a JSON object with "format": "mnkpipe-lock/1" and the fields of LOCK_FIELDS;
-any other file at that path (a user's notes, an empty file) is never removed: the driver is refused, naming it.
-The lock file appears whole: it is written and fsync'ed under a private name, then hard-linked into place, which
-fails if a lock exists. Taking over a stale lock works across hosts without flock: the taker first creates
-`<lock>.takeover-<token>` (link, which fails if it exists; <token> is the stale lock's unique token), so of several takers of
-one stale lock only one proceeds; it re-reads the lock, removes it only if it still holds that token, links its own,
-and removes its takeover file.
+A lock file is mnkpipe's only when it is a JSON object with "format": "mnkpipe-lock/1" and the fields of
+LOCK_FIELDS; any other file at that path (a user's notes, an empty file) is never removed: the driver is refused,
+naming it. The lock file appears whole: it is written and fsync'ed under a private name, then hard-linked into
+place, which fails if a lock exists. Taking over a stale lock works across hosts without flock: the taker first
+creates `<lock>.takeover-<token>` (a link, which fails if it exists; <token> is the stale lock's unique token), so
+of several takers of one stale lock only one proceeds; it re-reads the lock, removes it only if it still holds that
+token, links its own, and removes its takeover file.
 """
 
 import json

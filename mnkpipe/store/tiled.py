@@ -11,7 +11,8 @@ import zarr
 
 RECORD_FILL = -1  # X_crc32 value of a tile that is not done
 RECORD_REPAIR = -2  # X_crc32 value of a tile found bad and not recomputed yet (CRC32 values are >= 0)
-ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes <name>.<uuid4 hex>.partial, then renames
+# zarr's LocalStore writes a file to <name>.<uuid4 hex>.partial, then renames it: what a killed writer leaves
+ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 class StoreError(RuntimeError):
