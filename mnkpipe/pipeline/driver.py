@@ -33,7 +33,6 @@ def rebuild_plan(store, plan: np.ndarray) -> bool:
     except StoreError:
         pass
     ta.write_plan(plan)
-    print(f"gram_plan rebuilt from the config and episodes of {store.path} (it was lost or damaged)", file=sys.stderr)
     return True
 
 
@@ -65,7 +64,9 @@ def prepare_store(cfg: ExperimentConfig, store_path, *, data: str | None = None,
                              "changed). Differences:\n  " + "\n  ".join(diffs) +
                              "\nUse the store's own config, or a new --store path.")
         store.remove_partial_files()
-        rebuild_plan(store, experiment_plan(cfg, exp))
+        if rebuild_plan(store, experiment_plan(cfg, exp)):
+            print(f"note: gram_plan of {store_path} was lost or damaged: rebuilt from the config and episodes",
+                  file=sys.stderr)
         return store
     return create_store(store_path, exp, config=cfg.to_dict(), depth=cfg.kernel.depth, tile_size=cfg.compute.tile_size,
                         plan=experiment_plan(cfg, exp), dtype=cfg.compute.dtype, backend=backend)
@@ -105,9 +106,9 @@ def repair_store(store_path, *, gpus: int = 0, cpus: int | None = None, address:
                              f"its tiles are not mixed with {backend} tiles (nothing was changed)")
         store.check_inputs()
         if rebuild_plan(store, store_plan(store)):
-            notes.append("gram_plan rebuilt from the manifest's config and the stored episodes")
+            notes.append("gram_plan was lost or damaged: gram_plan rebuilt from the manifest's config and the episodes")
         store.remove_partial_files()
-        result = verify_store(store_path)
+        result = verify_store(store_path, inputs=False)  # just checked
         ta = store.tiled("gram")
         for b in result["bad"]:
             ta.mark_for_repair(*b["tile"])
