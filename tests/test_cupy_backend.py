@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import tomllib
 from pathlib import Path
@@ -468,12 +467,11 @@ def test_hopper_build_does_not_spill(h, w, tmp_path):
 
 
 @nvidia_linux
-def test_nvrtc_cubin_reports_as_ptxas():
+def test_nvrtc_cubin_reports_as_ptxas(tmp_path):
     """cupy compiles straight to an sm_90 cubin (NVRTC's built-in ptxas): the same resources as the wheel's ptxas."""
     ptx, _ = nvrtc_compile(32, 32, "compute_90")
     _, log = nvrtc_compile(32, 32, HOPPER, ("--ptxas-options=-v",))
-    with tempfile.TemporaryDirectory() as folder:
-        assert resource_report(log) == resource_report(ptxas_log(ptx, Path(folder)))
+    assert resource_report(log) == resource_report(ptxas_log(ptx, tmp_path))
 
 
 @nvidia_linux
