@@ -99,7 +99,8 @@ def held(results: Path, path: Path):
 
 def create_whole(results: Path, path: Path, build) -> None:
     """Make the folder `path` (under `results`) whole or not at all: build(tmp) fills <results>/.partial/<name>,
-    which is then renamed to path; what an interrupted build left there is discarded first. Call under held(results, path)."""
+    which is then renamed to path; what an interrupted build left there is discarded first. Call it under
+    held(results, path)."""
     path, tmp = Path(path), _beside(results, path, PARTIAL)
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -59,8 +59,8 @@ def check_options(methods, labels, augment, seeds, ridge, eta, t_outer) -> None:
 
 def evaluate(store_path, *, train_counts=None, seeds: int = 3, out=None, methods=KERNEL_METHODS, labels=("onehot",),
              augment=(1,), ridge: float = 1e-5, eta: float = INF, t_outer: float = INF, normalise: bool = True,
-             conventions: str = "formulas", config=None, phi_tile_size: int = 256, max_bytes: float = 1e9, cpus: int | None = None,
-             address: str | None = None, progress: bool = True) -> dict:
+             conventions: str = "formulas", config=None, phi_tile_size: int = 256, max_bytes: float = 1e9,
+             cpus: int | None = None, address: str | None = None, progress: bool = True) -> dict:
     """Accuracy on every test task of each method, label mode and augmentation K, per count of training tasks and
     seed; results.json (merged with what the same store's results folder holds) and its rendering in `out`."""
     methods, labels, augment = list(methods), list(labels), sorted(set(int(k) for k in augment))
