@@ -1,4 +1,5 @@
-# Quickstart targets. Each installs what it needs into .venv (torch first, pinned to the CPU build on this disk).
+# Quickstart targets. Each installs what it needs into .venv at the tested versions of constraints.txt (torch first:
+# the CPU build on this disk; an unconstrained torch would pull a CUDA build of several GB).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,11 +8,11 @@ RUNS ?= runs
 
 .PHONY: install test demo bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,s3]'
 	touch $@
 
 install: $(BIN)/.installed
