@@ -5,7 +5,7 @@ cntk_fused.cu); a work item is
 (pair, tile). Images and scale maps stay resident on the device; a Gram block is one launch per chunk of pairs, and
 the per-item float64 sums are reduced per pair on the device. cupy is imported lazily: importing this module never
 needs it. The host-side planning below (prepare_images, plan_items, pair_lists, finish) is plain numpy, shared with
-the CPU emulation of the kernel in tests/test_cupy_backend.py.
+the CPU emulation of the kernel (tests/support/cuda_emu/, used by tests/test_cupy_backend.py).
 """
 
 from __future__ import annotations

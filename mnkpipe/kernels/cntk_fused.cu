@@ -21,7 +21,7 @@
 // l(h) by sqrt(kappa_h)), so S' = o f(rho) and T' = T (pi - theta) + S' need no multiply; after every RENORM-th
 // step but the last the state is multiplied by (9 pi)^-RENORM; the host divides each sum by the final scale.
 // Compile with -DHH=<rows> -DWW=<cols> (WW <= 32) [-DMIN_BLOCKS=<blocks per SM>]; no headers (NVRTC-ready).
-// The same text is compiled on the CPU by the emulation harness of tests/test_cupy_backend.py.
+// The same text is compiled on the CPU by the emulation harness in tests/support/cuda_emu/harness.cpp.
 
 #ifndef HH
 #error "compile with -DHH=<image rows>"
