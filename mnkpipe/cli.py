@@ -110,7 +110,7 @@ def data_download(root):
 @click.option("--data", help="Omniglot folder (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
 @click.option("--n", default=8, show_default=True, type=click.IntRange(min=1),
               help="Number of evaluation-split images.")
-@click.option("--depth", default=10, show_default=True, type=click.IntRange(min=2),
+@click.option("--depth", default=10, show_default=True, type=click.IntRange(min=2, max=1000),
               help="CNTK depth (depth - 1 conv layers).")
 @click.option("--size", default=28, show_default=True, type=click.IntRange(min=3),
               help="Image size after resizing (then padded by 4).")
@@ -214,6 +214,13 @@ def _int_list(ctx, param, text):
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _finite_non_negative(ctx, param, value):
+    """A real option that must be finite and >= 0 (nan, inf and negative values are refused, naming the option)."""
+    if not 0 <= value < float("inf"):
+        raise click.BadParameter(f"must be finite and >= 0; got {value}")
+    return value
+
+
 def _name_list(ctx, param, text):
     return [c.strip() for c in text.split(",") if c.strip()]
 
@@ -241,7 +248,8 @@ def _show_results(store, out):
                    "classes.")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="TOML whose [embedding] table sets the feature extractor [default: reference values].")
-@click.option("--ridge", default=1e-5, show_default=True, type=float, help="Ridge on base and meta kernels.")
+@click.option("--ridge", default=1e-5, show_default=True, type=float, callback=_finite_non_negative,
+              help="Ridge on base and meta kernels.")
 @click.option("--eta", default="inf", show_default=True, type=float,
               help="Inner-loop time (lr x steps); inf = converged.")
 @click.option("--t-outer", default="inf", show_default=True, type=float, help="Outer-loop time; inf = converged.")

@@ -51,7 +51,7 @@ def test_verify_bad_cpus(tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--n", "0"], "--n"), (["--depth", "1"], "--depth"),
-                                         (["--size", "0"], "--size")])
+                                         (["--depth", "5000"], "--depth"), (["--size", "0"], "--size")])
 def test_gram_bad_numbers(omniglot_root, args, named):
     assert_refused(run("gram", "--data", omniglot_root, *args), named)
 
@@ -150,3 +150,38 @@ def test_data_info_describes_a_class_folder_dataset(tmp_path):
     shutil.rmtree(root / "test")
     r = run("data", "info", "--data", root / "train")  # the class folders themselves: one split
     assert r.exit_code == 0 and r.output.splitlines()[1].split()[:4] == [".", "0", "3", "12"]
+
+
+# -- bad numbers: every count, size and real option or key --------------------------------------------------------
+@pytest.mark.parametrize("key, value", [
+    ("val_tasks", -1), ("train_classes", -5), ("val_classes", -3), ("seed", -1), ("train_tasks", 0),
+    ("test_tasks", -2), ("way", 1), ("shot", 0), ("query", -1)])
+def test_negative_task_counts_are_refused_naming_the_key(tmp_path, omniglot_root, key, value):
+    """Today val_tasks = -1 and train_classes = -5 run as if 0 (silently), seed = -1 fails in numpy's words."""
+    text = SMOKE.read_text().replace("[tasks]\n", f"[tasks]\n{key} = {value}\n")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} = ") or str(value) in line)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    r = run("compute-kernel", "--config", cfg, "--store", tmp_path / "s.zarr", "--data", omniglot_root, "--no-progress")
+    assert_refused(r, "c.toml", f"[tasks] {key}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+
+
+@pytest.mark.parametrize("table, key, value", [("kernel", "depth", 1), ("kernel", "depth", 5000),
+                                               ("data", "image_size", 2), ("data", "pad", -4),
+                                               ("compute", "tile_size", -8)])
+def test_absurd_sizes_in_a_config_are_refused_naming_the_key(tmp_path, table, key, value):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(SMOKE.read_text().replace(f"[{table}]\n", f"[{table}]\n{key} = {value}\n", 1)
+                   .replace(f"\n{key} = ", f"\n# {key} = ").replace(f"# {key} = {value}", f"{key} = {value}", 1))
+    with pytest.raises(ConfigError, match=rf"c\.toml.*\[{table}\] {key}"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1e-3"])
+def test_evaluate_refuses_a_ridge_that_is_not_finite_and_non_negative(tmp_path, value):
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    r = run("evaluate", "--store", store, "--ridge", value, "--no-progress")
+    assert_refused(r, "--ridge")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"] and not any(store.iterdir())

@@ -14,6 +14,8 @@ from pathlib import Path
 
 OPTIONAL_TABLES = ("baselines", "embedding")  # read by `mnkpipe baselines` and `mnkpipe evaluate`
 REQUIRED_TABLES = ("tasks", "kernel")          # a config file without them would run on defaults unnoticed
+MAX_DEPTH = 1000                               # deeper CNTKs are numerically the same as depth 1000, and take days
+MAX_IMAGE_SIZE = 1024                          # side of the images after resizing (and of the padding)
 
 
 class ConfigError(ValueError):
@@ -90,22 +92,34 @@ class ExperimentConfig:
         return cfg
 
     def validate(self, where: str = "config") -> None:
+        """Raise ConfigError naming the first key out of its range (counts below their minimum are never
+        reinterpreted: train_classes = 0 means all classes, a negative one is refused)."""
+        d, t = self.data, self.tasks
         checks = [
-            (self.data.dataset in ("omniglot", "folder"), "[data] dataset must be 'omniglot' or 'folder'"),
-            (self.data.image_size >= 3, "[data] image_size must be >= 3"),
-            (self.data.pad == 0 or self.data.pad >= self.data.image_size, "[data] pad must be 0 (none) or >= image_size"),
-            (self.tasks.protocol in ("episodes", "lake-runs"), "[tasks] protocol must be 'episodes' or 'lake-runs'"),
-            (self.tasks.way >= 2 and self.tasks.shot >= 1 and self.tasks.query >= 1, "[tasks] way >= 2, shot >= 1, query >= 1"),
-            (self.tasks.train_tasks >= 1 and self.tasks.test_tasks >= 1, "[tasks] train_tasks and test_tasks must be >= 1"),
+            (d.dataset in ("omniglot", "folder"), "[data] dataset must be 'omniglot' or 'folder'"),
+            (3 <= d.image_size <= MAX_IMAGE_SIZE, f"[data] image_size must be in [3, {MAX_IMAGE_SIZE}]"),
+            (d.pad == 0 or d.image_size <= d.pad <= MAX_IMAGE_SIZE,
+             f"[data] pad must be 0 (none) or in [image_size, {MAX_IMAGE_SIZE}]"),
+            (t.protocol in ("episodes", "lake-runs"), "[tasks] protocol must be 'episodes' or 'lake-runs'"),
+            (t.way >= 2, "[tasks] way must be >= 2"), (t.shot >= 1, "[tasks] shot must be >= 1"),
+            (t.query >= 1, "[tasks] query must be >= 1"),
+            (t.train_tasks >= 1, "[tasks] train_tasks must be >= 1"),
+            (t.test_tasks >= 1, "[tasks] test_tasks must be >= 1"),
+            (t.val_tasks >= 0, "[tasks] val_tasks must be >= 0"),
+            (t.train_classes >= 0, "[tasks] train_classes must be >= 0 (0: all classes of the training split)"),
+            (t.val_classes >= 0, "[tasks] val_classes must be >= 0"),
+            (t.seed >= 0, "[tasks] seed must be >= 0"),
             (self.kernel.name == "cntk", "[kernel] name must be 'cntk' (the only base kernel so far)"),
-            (self.kernel.depth >= 2, "[kernel] depth must be >= 2"),
+            (2 <= self.kernel.depth <= MAX_DEPTH, f"[kernel] depth must be in [2, {MAX_DEPTH}]"),
             (self.compute.tile_size >= 1, "[compute] tile_size must be >= 1"),
             (self.compute.plan in ("mnk", "full"), "[compute] plan must be 'mnk' or 'full'"),
             (self.compute.dtype in ("float64", "float32"), "[compute] dtype must be 'float64' or 'float32'"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ConfigError(f"{where}: {msg}")
+                key = msg.split(" must ")[0]
+                value = getattr(getattr(self, key[1:key.index("]")]), key.split()[-1])
+                raise ConfigError(f"{where}: {msg} (got {value!r})")
 
 
 def _section(factory, table: dict, where: str):
