@@ -439,3 +439,16 @@ def test_download_skips_present_files(tmp_path):
     base = f"http://127.0.0.1:{_closed_port()}/"
     paths = download_omniglot(tmp_path, progress=False, timeout=2, base_url=base)
     assert [p.name for p in paths][:2] == ["images_background.zip", "images_evaluation.zip"] and len(paths) == 5
+
+
+def test_image_folder_follows_symlinked_class_folders_and_refuses_a_loop(tmp_path):
+    """A class folder that is a symlink (e.g. to shared storage) is loaded like any other, never skipped."""
+    root, elsewhere = tmp_path / "flat", tmp_path / "elsewhere"
+    _write_class(root / "ant", 2, 1)
+    _write_class(elsewhere / "bee", 3, 2)
+    (root / "bee").symlink_to(elsewhere / "bee", target_is_directory=True)
+    ds = load_image_folder(root, image_size=8, cache_dir=False)
+    assert ds.classes == ["ant", "bee"] and np.bincount(ds.labels).tolist() == [2, 3]
+    (root / "ant" / "loop").symlink_to(root, target_is_directory=True)
+    with pytest.raises(DataError, match=r"ant/loop.*loop"):
+        load_image_folder(root, image_size=8, cache_dir=False)

@@ -83,11 +83,16 @@ class Tree:
 
 
 def tree_from_folder(root: Path) -> Tree:
-    """Walk a folder into a Tree, skipping hidden files and folders."""
+    """Walk a folder into a Tree, skipping hidden files and folders; symlinked folders are followed (a class
+    folder may live elsewhere), and one that leads back to a folder above it is a DataError naming it."""
     tree = Tree()
     root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        for d in dirnames:
+            link = Path(dirpath) / d
+            if link.is_symlink() and link.resolve() in (link.parent.resolve(), *link.parent.resolve().parents):
+                raise DataError(f"{link} is a symlink to {link.resolve()}, a folder above it: it would loop")
         rel = Path(dirpath).relative_to(root).parts
         if rel:
             tree.add_dir(tuple(rel))
