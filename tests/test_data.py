@@ -452,3 +452,19 @@ def test_image_folder_follows_symlinked_class_folders_and_refuses_a_loop(tmp_pat
     (root / "ant" / "loop").symlink_to(root, target_is_directory=True)
     with pytest.raises(DataError, match=r"ant/loop.*loop"):
         load_image_folder(root, image_size=8, cache_dir=False)
+
+
+def test_sixteen_bit_and_alpha_drawings_decode_as_omniglot_looks(tmp_path):
+    """16-bit pixels are scaled by their bit depth (not clipped at 255), and a drawing held in the alpha channel
+    (constant colour, strokes opaque) is composited on white: dark strokes on white, like Omniglot."""
+    ramp = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    x = _io.decode_image(_png_bytes(ramp), "ramp.png", None)
+    np.testing.assert_allclose(x[0] / 255.0, ramp / 65535.0, atol=1 / 255)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 3, 3] = 255  # black, opaque strokes; transparent elsewhere
+    x = _io.decode_image(_png_bytes(rgba), "alpha.png", None)
+    assert x[0, 3, 3] == 0 and x[0, 0, 0] == 255
+    la = np.zeros((8, 8, 2), np.uint8)
+    la[2:6, 3, 1] = 255
+    x = _io.decode_image(_png_bytes(la), "la.png", None)
+    assert x[0, 3, 3] == 0 and x[0, 0, 0] == 255

@@ -19,7 +19,7 @@ from PIL import Image
 from .dataset import DataError, ImageDataset
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # part of every decode-cache key: raised whenever decoding changes
 
 # Number of images decoded by this process so far (tests use it to prove a cache hit decodes nothing).
 _decode_count = 0
@@ -190,13 +190,26 @@ def decode_image(data: bytes, name: str, image_size: int | None, grayscale: bool
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            img = img.convert("L" if grayscale else "RGB")
+            img = _eight_bit_on_white(img).convert("L" if grayscale else "RGB")
             if image_size is not None and img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
             arr = np.asarray(img, dtype=np.uint8)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         raise DataError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _eight_bit_on_white(img: Image.Image) -> Image.Image:
+    """16/32-bit grayscale scaled by its bit depth to 8 bits (PIL's convert would clip at 255); an image with
+    transparency composited on white, so a drawing held in the alpha channel shows dark strokes on white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        bits = 16 if img.mode.startswith("I;16") or np.asarray(img).max() <= 65535 else 32
+        scaled = np.asarray(img, dtype=np.float64) * (255.0 / (2 ** bits - 1))
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img
 
 
 def to_float(images_u8: np.ndarray) -> np.ndarray:
