@@ -51,7 +51,8 @@ def test_verify_bad_cpus(tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--n", "0"], "--n"), (["--depth", "1"], "--depth"),
-                                         (["--depth", "5000"], "--depth"), (["--size", "0"], "--size")])
+                                         (["--depth", "5000"], "--depth"), (["--size", "0"], "--size"),
+                                         (["--n", "100000"], "--n 100000: the quick look has 46")])
 def test_gram_bad_numbers(omniglot_root, args, named):
     assert_refused(run("gram", "--data", omniglot_root, *args), named)
 

@@ -11,7 +11,10 @@ from ..kernels import cntk, resolve_backend
 def omniglot_gram(data=None, *, n: int = 8, depth: int = 10, size: int = 28, backend: str = "auto") -> dict:
     """K of the first image of n different evaluation characters (two alphabets), standardised and padded by 4."""
     ds = load_omniglot(resolve_data_root(data), "evaluation", image_size=size, alphabets=["Angelic", "Keble"])
-    first = [int(np.nonzero(ds.labels == c)[0][0]) for c in range(min(n, ds.n_classes))]
+    if n > ds.n_classes:
+        raise ValueError(f"--n {n}: the quick look has {ds.n_classes} characters (alphabets Angelic and Keble); "
+                         f"use --n {ds.n_classes} or fewer")
+    first = [int(np.nonzero(ds.labels == c)[0][0]) for c in range(n)]
     mean, std = fit_standardiser(ds.images)
     x = standardise_and_pad(ds.images[first], mean, std, size + 4)
     backend = resolve_backend(backend)
