@@ -468,3 +468,29 @@ def test_sixteen_bit_and_alpha_drawings_decode_as_omniglot_looks(tmp_path):
     la[2:6, 3, 1] = 255
     x = _io.decode_image(_png_bytes(la), "la.png", None)
     assert x[0, 3, 3] == 0 and x[0, 0, 0] == 255
+
+
+def test_download_fetches_into_place_through_pooch(tmp_path):
+    """A served file lands under its name, with no temporary file left; a non-official base URL is not hash-checked."""
+    import http.server
+    import threading
+    served = tmp_path / "served" / "one-shot-classification"
+    served.mkdir(parents=True)
+    (served / "all_runs.zip").write_bytes(b"zip bytes")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path / "served"), **k)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root = tmp_path / "data"
+        paths = download_omniglot(root, progress=False, timeout=5, files=["all_runs.zip"],
+                                  base_url=f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+    assert paths == [root / "all_runs.zip"] and paths[0].read_bytes() == b"zip bytes"
+    assert sorted(p.name for p in root.iterdir()) == ["all_runs.zip"]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -223,15 +220,6 @@ def _manual_hint(root: Path, base_url: str) -> str:
     )
 
 
-def _check_digest(path: Path, algo: str, digest: str) -> bool:
-    """True when the file's hash equals the expected digest."""
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest() == digest
-
-
 def download_omniglot(
     root: str | os.PathLike,
     *,
@@ -243,10 +231,11 @@ def download_omniglot(
 ) -> list[Path]:
     """Download the Omniglot zips (all OMNIGLOT_FILES, or `files`) into root, skipping present ones; returns their paths.
 
-    Writes <name>.part, checks the official checksum (default base_url, verify=True), then renames.
-    A network failure raises DataError naming the URL and how to place the files by hand.
+    pooch fetches each into a temporary file, checks the official checksum (default base_url, verify=True) and only
+    then moves it into place. A network failure or a corrupt download raises DataError naming the URL and how to
+    place the files by hand.
     """
-    from tqdm.auto import tqdm
+    import pooch
 
     root = Path(root).expanduser()
     names = list(OMNIGLOT_FILES) if files is None else list(files)
@@ -259,30 +248,23 @@ def download_omniglot(
         raise DataError(f"cannot create data folder {root}: {exc}") from exc
     if not base_url.endswith("/"):
         base_url += "/"
+    check = verify and base_url == OMNIGLOT_BASE_URL
+    downloader = pooch.HTTPDownloader(progressbar=progress, timeout=timeout, headers={"User-Agent": "mnkpipe"})
     out = []
     for name in names:
         target = root / name
         out.append(target)
-        if target.is_file():
+        if target.is_file():  # never re-checked: the offline copy's two full zips are rebuilt, not byte-equal
             continue
         rel, algo, digest = OMNIGLOT_FILES[name]
         url = base_url + rel
-        part = target.with_name(target.name + ".part")
         try:
-            req = urllib.request.Request(url, headers={"User-Agent": "mnkpipe"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as f:
-                total = resp.headers.get("Content-Length")
-                with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=name,
-                          disable=not progress) as bar:
-                    for block in iter(lambda: resp.read(1 << 16), b""):
-                        f.write(block)
-                        bar.update(len(block))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            part.unlink(missing_ok=True)
-            reason = getattr(exc, "reason", exc)
-            raise DataError(f"download of {url} failed ({type(exc).__name__}: {reason}). {_manual_hint(root, base_url)}") from exc
-        if verify and base_url == OMNIGLOT_BASE_URL and not _check_digest(part, algo, digest):
-            part.unlink(missing_ok=True)
-            raise DataError(f"download of {url} is corrupt ({algo} differs from {digest}). {_manual_hint(root, base_url)}")
-        os.replace(part, target)
+            pooch.retrieve(url, known_hash=f"{algo}:{digest}" if check else None, fname=name, path=root,
+                           downloader=downloader, progressbar=progress)
+        except ValueError as exc:  # pooch: the file's hash differs (the download was removed)
+            raise DataError(f"download of {url} is corrupt ({exc}). {_manual_hint(root, base_url)}") from None
+        except Exception as exc:  # noqa: BLE001 - any network or HTTP failure: say where and what to do
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"download of {url} failed ({type(exc).__name__}: {reason}). "
+                            f"{_manual_hint(root, base_url)}") from None
     return out
