@@ -1,0 +1,27 @@
+"""Files written whole or not at all (the bottom layer: imports nothing from mnkpipe)."""
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
+    """Call write(f) on a private temporary file beside `path`, then rename it over `path`: readers see the old file
+    or the whole new one. On any failure or interruption the temporary file is removed and `path` is unchanged."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """atomic_write of a UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
