@@ -4,7 +4,6 @@ on stdout (a small shim around the real CLI prints a marker at the moment and, f
 shutdown and inside a checkpoint write, stays there long enough for the signal to land)."""
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -140,6 +139,10 @@ def test_baselines_stop_cleanly_and_leave_no_temporary_checkpoint(tmp_path, env,
 
 def test_a_checkpoint_write_that_fails_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "checkpoint.pt"
-    with pytest.raises(pickle.PicklingError):
-        checkpoint.save_checkpoint(target, {"cannot be pickled": lambda: None})
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot be pickled")
+
+    with pytest.raises(RuntimeError, match="cannot be pickled"):
+        checkpoint.save_checkpoint(target, {"state": Unpicklable()})
     assert list(tmp_path.iterdir()) == []

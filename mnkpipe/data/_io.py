@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write
 from .dataset import DataError, ImageDataset
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -314,17 +314,9 @@ def save_cache(path: Path | None, key: dict, images_u8: np.ndarray, labels: np.n
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(
-                    f, key=np.array(json.dumps(key, sort_keys=True)), images_u8=images_u8, labels=labels,
-                    classes=_str_array(classes), groups=_str_array(groups), paths=_str_array(paths),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez_compressed(
+            f, key=np.array(json.dumps(key, sort_keys=True)), images_u8=images_u8, labels=labels,
+            classes=_str_array(classes), groups=_str_array(groups), paths=_str_array(paths)))
     except OSError as exc:
         warnings.warn(f"could not write cache file {path}: {exc}", stacklevel=3)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..files import atomic_write
 from .dataset import DataError, ImageDataset
 
 __all__ = ["TaskSet", "EpisodeSet", "sample_tasks", "sample_episodes"]
@@ -173,15 +173,7 @@ class EpisodeSet:
         """Write to an .npz file at exactly `path` (atomically); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **self.to_arrays())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez_compressed(f, **self.to_arrays()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EpisodeSet":
