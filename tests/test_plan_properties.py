@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zarr.storage import MemoryStore
 
-from mnkpipe.pipeline.plan import n_blocks, plan_full, plan_mnk
+from mnkpipe.pipeline.plan import plan_full, plan_mnk
+from mnkpipe.store import n_blocks
 from mnkpipe.store import TiledArray, add_tiled_array, symmetric_block
 
 FAST = settings(max_examples=50, deadline=None, database=None)  # a few seconds; no example database on disk

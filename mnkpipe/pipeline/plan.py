@@ -2,9 +2,7 @@
 
 import numpy as np
 
-
-def n_blocks(n: int, tile_size: int) -> int:
-    return -(-n // tile_size)
+from ..store import n_blocks
 
 
 def plan_full(n: int, tile_size: int) -> np.ndarray:

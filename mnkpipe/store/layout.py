@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import (ZARR_PARTIAL, StoreError, TiledArray, add_tiled_array, plan_digest, remove_partial_files,
+from .tiled import (ZARR_PARTIAL, StoreError, TiledArray, add_tiled_array, n_blocks, plan_digest, remove_partial_files,
                     symmetric_block)
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
@@ -48,7 +48,7 @@ class Store:
 
     @property
     def n_blocks(self) -> int:
-        return -(-self.n // self.tile_size)
+        return n_blocks(self.n, self.tile_size)
 
     @property
     def backend(self) -> str | None:

@@ -19,6 +19,11 @@ class StoreError(RuntimeError):
     """A store that cannot be used as asked; the message says why and what to do."""
 
 
+def n_blocks(n: int, tile_size: int) -> int:
+    """ceil(n / tile_size): the tiles along one side of an n x n array."""
+    return -(-n // tile_size)
+
+
 def tile_crc(tile: np.ndarray) -> int:
     """CRC32 of the tile's bytes as stored (C order, the store's dtype)."""
     return zlib.crc32(np.ascontiguousarray(tile).tobytes())
@@ -47,7 +52,7 @@ def tiled_dimension_names(name: str) -> tuple[tuple[str, str], tuple[str, str]]:
 
 def add_tiled_array(root, name: str, n: int, tile_size: int, dtype: str, plan: np.ndarray) -> None:
     """A (n, n) array with one chunk per tile, no sharding, NaN fill; its plan and its per-tile records."""
-    nb = -(-n // tile_size)
+    nb = n_blocks(n, tile_size)
     dims, block_dims = tiled_dimension_names(name)
     root.create_array(name, shape=(n, n), chunks=(tile_size, tile_size), dtype=dtype, fill_value=np.nan,
                       compressors=None, config={"write_empty_chunks": True}, dimension_names=dims)
@@ -88,7 +93,7 @@ class TiledArray:
 
     @property
     def n_blocks(self) -> int:
-        return -(-self.n // self.tile_size)
+        return n_blocks(self.n, self.tile_size)
 
     def block_range(self, b: int) -> slice:
         """Rows (or columns) of block b: [b t, min((b + 1) t, n))."""
