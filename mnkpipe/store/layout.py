@@ -131,11 +131,7 @@ class Store:
         arr = self.root[name]
         if arr.nbytes > max_bytes:
             raise StoreError(f"{name} is {arr.nbytes / 1e9:.1f} GB; read blocks with gram_block() instead")
-        g = self.tiled(name).read_all()
-        lower = np.tril_indices(len(g), -1)
-        upper_vals = g.T[lower]
-        g[lower] = np.where(np.isnan(g[lower]), upper_vals, g[lower])
-        return g
+        return self.tiled(name).read_symmetric()
 
     def gram_block(self, rows, cols, name: str = "gram") -> np.ndarray:
         """K[rows][:, cols] for integer index arrays, reading only the upper tiles that hold them (lower ones

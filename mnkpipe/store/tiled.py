@@ -178,6 +178,14 @@ class TiledArray:
                     raise self.damaged(bi, bj)
         return a
 
+    def read_symmetric(self) -> np.ndarray:
+        """read_all() with the lower triangle taken from the upper one (only upper tiles are written; the diagonal
+        tiles hold both halves, equal)."""
+        a = self.read_all()
+        lower = np.tril_indices(len(a), -1)
+        a[lower] = a.T[lower]
+        return a
+
     def write_tile(self, bi: int, bj: int, tile: np.ndarray) -> int:
         """Write one whole aligned chunk, make it durable (fsync), then set its record; returns the CRC32."""
         tile = tile.astype(self.array.dtype)
