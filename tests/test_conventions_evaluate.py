@@ -50,7 +50,7 @@ def authors_accuracy(store, subset, ridge):
     fit = mnk.mnk_fit(train, mnk.mnk_train_matrix(kb, train), ridge=ridge, conventions="authors")
     acc = {"mnk": [], "r_t": []}
     for t, labels in zip(test, ep.test.query_labels):
-        acc["mnk"].append(np.mean(mnk.mnk_predict(kb, train, t, fit=fit).argmax(1) == labels))
+        acc["mnk"].append(np.mean((t.r_q + mnk.phi_test(kb, train, t, fit) @ fit.alpha).argmax(1) == labels))
         acc["r_t"].append(np.mean(t.r_q.argmax(1) == labels))
     return acc
 

@@ -13,7 +13,6 @@ from mnkpipe.kernels.mnk import (
     cosine_normalised,
     inner_operator,
     mnk_fit,
-    mnk_predict,
     mnk_train_matrix,
     nearest_support,
     phi_block,
@@ -109,6 +108,12 @@ def brute_predict(feats, train_specs, test_spec, *, eta, ridge, t_outer, normali
 
 
 # ---------------------------------------------------------------------------------------------- small pieces
+
+
+def predict(kb, train, test, fit=None, **fit_settings):
+    """F(X_t) = r_t(X_t) + phi_test @ alpha, composed as evaluate composes it (alpha from mnk_fit on Phi_train)."""
+    fit = fit or mnk_fit(train, mnk_train_matrix(kb, train), **fit_settings)
+    return test.r_q + phi_test(kb, train, test, fit) @ fit.alpha
 
 
 def test_centred_onehot_and_accuracy():
@@ -231,12 +236,8 @@ def test_predict_matches_brute_force(normalise, eta, t_outer, cosine_k):
     for sp in test_specs:
         test = mk(sp)
         want = brute_predict(feats_used, train_specs, sp, eta=eta, ridge=1e-5, t_outer=t_outer, normalise=normalise)
-        got = mnk_predict(kb, train, test, t_outer=t_outer, normalise_phi=normalise)
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * scale)
-        np.testing.assert_allclose(mnk_predict(kb, train, test, phi_train=phi_train, t_outer=t_outer,
-                                               normalise_phi=normalise), got, rtol=1e-10, atol=1e-12 * scale)
-        np.testing.assert_allclose(mnk_predict(kb, train, test, fit=fit), got, rtol=1e-10, atol=1e-12 * scale)
+        got = predict(kb, train, test, fit)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("normalise", [False, True])
@@ -244,10 +245,8 @@ def test_tiny_outer_time_reduces_to_support_regression(normalise):
     feats = make_pool()
     specs = make_tasks(2)
     kb, (train, test) = build(feats, specs)
-    pred = mnk_predict(kb, [train], test, t_outer=1e-12, normalise_phi=normalise)
+    pred = predict(kb, [train], test, t_outer=1e-12, normalise_phi=normalise)
     np.testing.assert_allclose(pred, test.r_q, rtol=0, atol=1e-9 * np.abs(test.r_q).max())
-    # and with no training tasks at all the prediction is r_t exactly
-    np.testing.assert_array_equal(mnk_predict(kb, [], test), test.r_q)
 
 
 def test_mnk_fits_training_queries():
@@ -255,7 +254,7 @@ def test_mnk_fits_training_queries():
     feats = make_pool()
     specs = make_tasks(3)
     kb, ops = build(feats, specs)
-    pred = mnk_predict(kb, ops, ops[1], ridge=1e-10, normalise_phi=False)
+    pred = predict(kb, ops, ops[1], ridge=1e-10, normalise_phi=False)
     np.testing.assert_allclose(pred, ops[1].y_q, atol=1e-5)
     assert accuracy(pred, specs[1][3]) == 1.0
 
@@ -289,8 +288,8 @@ def test_never_reads_test_x_test_across_tasks():
         phi_train = mnk_train_matrix(rec, train)
         fit = mnk_fit(train, phi_train)
         for t in tests:
-            mnk_predict(rec, train, t, fit=fit)
-            mnk_predict(rec, train, t, phi_train=phi_train, t_outer=0.5)
+            predict(rec, train, t, fit)
+            predict(rec, train, t, mnk_fit(train, phi_train, t_outer=0.5))
         owner = np.full(N_POOL, -1)  # -1 train / unused, else test task number
         q_of = np.full(N_POOL, False)
         for n, (s, _, q, _) in enumerate(test_specs):
@@ -317,9 +316,9 @@ def test_without_diag_reads_only_within_task_query_block():
     train = [task_ops(rec, *sp, way=WAY) for sp in specs[:2]]
     test = task_ops(rec, *specs[2], way=WAY)
     assert test.q_diag is None
-    got = mnk_predict(rec, train, test)
+    got = predict(rec, train, test)
     kb, ops = build(feats, specs)
-    np.testing.assert_allclose(got, mnk_predict(kb, ops[:2], ops[2]), rtol=1e-12)
+    np.testing.assert_allclose(got, predict(kb, ops[:2], ops[2]), rtol=1e-12)
     q = set(specs[2][2].tolist())
     test_idx = q | set(specs[2][0].tolist())
     qq = [c for c in rec.calls if set(c[0].tolist()) <= test_idx and set(c[1].tolist()) <= test_idx
@@ -373,10 +372,9 @@ def test_embedding_mode_prediction_matches_brute_force(normalise):
         test = with_targets(op, emb[s], emb[q])
         want_f, want_labels, want_r = brute_embedding_predict(feats, emb, specs[:4], spec, ridge=1e-5,
                                                               normalise=normalise)
-        got_f = mnk_predict(kb, train, test, fit=fit)
+        got_f = predict(kb, train, test, fit)
         np.testing.assert_allclose(test.r_q, want_r, rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(got_f, want_f, rtol=1e-6, atol=1e-7 * np.abs(want_f).max())
-        np.testing.assert_allclose(test.r_q + phi_test(kb, train, test, fit) @ fit.alpha, got_f, rtol=1e-12)
         np.testing.assert_array_equal(nearest_support(got_f, test.y_s, sl), want_labels)
 
 
@@ -453,7 +451,7 @@ def test_authors_conventions_equal_a_transcription_of_their_code(eta, t_outer, t
            for sp in specs]
     train, test = ops[:4], ops[4:]
     fit = mnk_fit(train, mnk_train_matrix(kb, train), ridge=lam, t_outer=t_outer, conventions="authors")
-    got = np.concatenate([mnk_predict(kb, train, t, fit=fit) for t in test])
+    got = np.concatenate([predict(kb, train, t, fit) for t in test])
     tasks = []
     for sp in specs:
         y_s, y_q = targets_of(sp)
@@ -464,7 +462,7 @@ def test_authors_conventions_equal_a_transcription_of_their_code(eta, t_outer, t
     kbn = cosine_normalised(reader(k), np.diag(k))
     ops_f = [with_targets(task_ops(kbn, *sp, way=WAY, eta=eta, ridge=lam), *targets_of(sp)) for sp in specs]
     fit_f = mnk_fit(ops_f[:4], mnk_train_matrix(kbn, ops_f[:4]), ridge=lam, t_outer=t_outer)
-    other = np.concatenate([mnk_predict(kbn, ops_f[:4], t, fit=fit_f) for t in ops_f[4:]])
+    other = np.concatenate([predict(kbn, ops_f[:4], t, fit_f) for t in ops_f[4:]])
     assert np.abs(other - want).max() > 1e4 * 1e-10 * np.abs(want).max()
 
 
@@ -476,7 +474,7 @@ def test_formulas_are_the_default_conventions():
     for conv in ({}, {"conventions": "formulas"}):
         ops = [task_ops(kb, *sp, way=WAY, **conv) for sp in specs]
         np.testing.assert_array_equal(ops[0].R, ops[0].T)
-        got = mnk_predict(kb, ops[:4], ops[4], **conv)
+        got = predict(kb, ops[:4], ops[4], **conv)
         want = brute_predict(feats / np.linalg.norm(feats, axis=1, keepdims=True), specs[:4], specs[4], eta=INF,
                              ridge=1e-5, t_outer=INF, normalise=True)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())

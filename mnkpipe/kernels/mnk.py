@@ -261,7 +261,8 @@ def _positions(sel, n: int) -> np.ndarray:
 
 
 def phi_block(kb: BlockReader, a: TaskOps, b: TaskOps, rows=None, cols=None) -> np.ndarray:
-    """Phi_ab = K(X_a,X_b) - K(X_a,X'_a)T_a K(X'_a,X_b) - K(X_a,X'_b)T_b K(X'_b,X_b) + K(X_a,X'_a)T_a K(X'_a,X'_b)T_b K(X'_b,X_b).
+    """Phi_ab = K(X_a,X_b) - K(X_a,X'_a)T_a K(X'_a,X_b) - K(X_a,X'_b)T_b K(X'_b,X_b)
+    + K(X_a,X'_a)T_a K(X'_a,X'_b)T_b K(X'_b,X_b).
 
     docs/math.md eq. (9). rows / cols (positions within a's / b's query set, index arrays or slices) restrict the
     block to a tile.
@@ -385,29 +386,12 @@ def mnk_fit(train: Sequence[TaskOps], phi_train, *, ridge: float = 1e-5, t_outer
     return MNKFit(alpha, d, normalise_phi, ridge, t_outer, shift)
 
 
-def mnk_predict(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, *, phi_train=None, ridge: float = 1e-5,
-                t_outer: float = INF, normalise_phi: bool = True, phi_train_diag=None,
-                fit: MNKFit | None = None, conventions: str = "formulas") -> np.ndarray:
-    """F(X_t) = r_t(X_t) + Phi(X_t, X_train) (Phi_train + lambda I)^-1 E(Phi_train) (Y_train - R_train), (n_q, way).
-
-    docs/math.md eq. (11). phi_train (raw) is computed when not given; fit (from mnk_fit, reusable across test
-    tasks) replaces phi_train / ridge / t_outer / normalise_phi / phi_train_diag. Only test x train blocks (and the test
-    task's own blocks) of the base kernel are read here.
-    """
-    if fit is None:
-        if phi_train is None:
-            phi_train = mnk_train_matrix(kb, train)
-        fit = mnk_fit(train, phi_train, ridge=ridge, t_outer=t_outer, normalise_phi=normalise_phi,
-                      phi_train_diag=phi_train_diag, conventions=conventions)
-    if not train:
-        return test.r_q.copy()
-    if test.way != fit.alpha.shape[1]:
-        raise ValueError(f"test task has {test.way} target dimensions; the training tasks have {fit.alpha.shape[1]}")
-    return test.r_q + phi_test(kb, train, test, fit) @ fit.alpha
-
-
 def phi_test(kb: BlockReader, train: Sequence[TaskOps], test: TaskOps, fit: MNKFit) -> np.ndarray:
-    """Phi(X_t, X_train), cosine-normalised Phi_ti / sqrt(Phi_tt Phi_ii) when the fit is (the meta term is this @ alpha)."""
+    """Phi(X_t, X_train), cosine-normalised Phi_ti / sqrt(Phi_tt Phi_ii) when the fit is (meta term: this @ alpha).
+
+    The prediction of docs/math.md eq. (11) is F(X_t) = r_t(X_t) + phi_test(...) @ fit.alpha (evaluate forms it once
+    per test task for every label mode). Only test x train blocks and the test task's own blocks are read here.
+    """
     phi_t = phi_cross(kb, test, train)
     if fit.normalise_phi:
         shift = fit.diag_shift  # the test rows are other rows of Phi: lambda I adds only to their diagonal
