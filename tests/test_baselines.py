@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import crash_after_saving
+from support.numerics import rel_norm
 
 from mnkpipe.baselines import (BaselineSettings, imaml_hypergrad, imaml_inner, make_convnet, maml_inner,
                                maml_meta_loss, run_baseline)
@@ -33,10 +34,6 @@ def shift(params, d, eps):
     return {k: (v.detach() + eps * d[k]) for k, v in params.items()}
 
 
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
 def test_convnet_shapes():
     net = make_convnet(in_channels=3, way=5, blocks=4, filters=8, image_size=32)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
@@ -61,12 +58,12 @@ def test_maml_meta_gradient_matches_finite_differences():
         fp = maml_meta_loss(model, shift(params, d, h), buffers, tasks, **kw).detach()
         fm = maml_meta_loss(model, shift(params, d, -h), buffers, tasks, **kw).detach()
         fd.append((fp - fm) / (2 * h))
-    assert rel(torch.stack(fd), torch.stack(an)) < 1e-4
+    assert rel_norm(torch.stack(fd), torch.stack(an)) < 1e-4
     # first order drops the second-order terms: a different gradient
     fo = torch.autograd.grad(maml_meta_loss(model, params, buffers, tasks, first_order=True, **kw),
                              list(params.values()))
     so = torch.cat([g.flatten() for g in grads.values()])
-    assert rel(torch.cat([g.flatten() for g in fo]), so) > 1e-3
+    assert rel_norm(torch.cat([g.flatten() for g in fo]), so) > 1e-3
     # maml_inner with steps=0 is the identity, one step is one SGD step
     xs, ys = tasks[0][:2]
     w1 = maml_inner(model, params, buffers, xs, ys, steps=1, lr=0.5, create_graph=False)
@@ -111,11 +108,11 @@ def test_imaml_hypergradient_matches_exact_solve(smooth):
     g = grad_at(xq, yq)
     v_exact = torch.linalg.solve(A, g)
     hyper = lambda n: flat(imaml_hypergrad(model, w, buffers, xs, ys, xq, yq, lam=lam, cg_steps=n))
-    assert rel(hyper(3 * len(flat_w)), v_exact) < 1e-6
+    assert rel_norm(hyper(3 * len(flat_w)), v_exact) < 1e-6
     # truncated CG: the A-norm error falls at every iteration; 5 iterations (the protocol's) already get close
     a_err = [float((hyper(n) - v_exact) @ A @ (hyper(n) - v_exact)) for n in range(6)]
     assert all(b < a for a, b in zip(a_err, a_err[1:])), a_err
-    assert rel(hyper(0), v_exact) == 1.0 and rel(hyper(5), v_exact) < 0.15, rel(hyper(5), v_exact)
+    assert rel_norm(hyper(0), v_exact) == 1.0 and rel_norm(hyper(5), v_exact) < 0.15, rel_norm(hyper(5), v_exact)
 
     if smooth:  # d/dtheta L_q(w*(theta)) = v, by central differences along random directions
         h, an, fd = 1e-5, [], []
@@ -125,7 +122,7 @@ def test_imaml_hypergradient_matches_exact_solve(smooth):
             fp = task_loss(model, inner(shift(theta, d, h)), buffers, xq, yq).detach()
             fm = task_loss(model, inner(shift(theta, d, -h)), buffers, xq, yq).detach()
             fd.append((fp - fm) / (2 * h))
-        assert rel(torch.stack(fd), torch.stack(an)) < 1e-4
+        assert rel_norm(torch.stack(fd), torch.stack(an)) < 1e-4
 
 
 # ---------------------------------------------------------------- run_baseline on a tiny easy problem

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from support.numerics import golden_case, rel_err
 
 from mnkpipe.kernels import cntk, scale_maps
 from mnkpipe.kernels.cntk_reference import aggregate, cntk_reference, relu_step
@@ -9,30 +10,26 @@ from mnkpipe.kernels.cntk_reference import aggregate, cntk_reference, relu_step
 TOL = {"reference": 1e-8, "cpu": 2e-5}
 
 
-def rel_err(a, b):
-    return np.abs(a - b).max() / np.abs(b).max()
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("depth", [2, 3, 5, 8])
 @pytest.mark.parametrize("head", ["gap", "vanilla"])
 def test_random12_golden(golden, backend, depth, head):
-    k = cntk(golden["random12_x"], depth=depth, gap=head == "gap", backend=backend)
-    assert rel_err(k, golden[f"random12_d{depth}_{head}"]) <= TOL[backend]
+    x, ref, depth, gap = golden_case(golden, f"random12_d{depth}_{head}")
+    assert rel_err(cntk(x, depth=depth, gap=gap, backend=backend), ref) <= TOL[backend]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_two_channel_golden(golden, backend):
-    # neural-tangents divides the input covariance by C = 2; docs/math.md eq. (1) does not.
-    k = cntk(golden["random10c2_x"], depth=4, backend=backend)
-    assert rel_err(k, 2 * golden["random10c2_d4_gap"]) <= TOL[backend]
+    # neural-tangents divides the input covariance by C = 2; docs/math.md eq. (1) does not (golden_case scales).
+    x, ref, depth, gap = golden_case(golden, "random10c2_d4_gap")
+    assert rel_err(cntk(x, depth=depth, gap=gap, backend=backend), ref) <= TOL[backend]
 
 
 @pytest.mark.parametrize("backend,depths", [("reference", [3]), ("cpu", [3, 10])])
 def test_omniglot_golden(golden, backend, depths):
     for d in depths:
-        k = cntk(golden["omniglot28_x"], depth=d, backend=backend)
-        assert rel_err(k, golden[f"omniglot28_d{d}_gap"]) <= TOL[backend]
+        x, ref, depth, gap = golden_case(golden, f"omniglot28_d{d}_gap")
+        assert rel_err(cntk(x, depth=depth, gap=gap, backend=backend), ref) <= TOL[backend]
 
 
 def test_scale_maps_are_the_diagonal_of_the_full_recursion():

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support.cuda_emu import ASM_SWITCH_HERE, Emulator, build_dir, needs_gxx
+from support.numerics import golden_case, rel_err
 
 from mnkpipe.kernels import cntk_cupy as cc
 from mnkpipe.kernels.scales import scale_maps
@@ -44,11 +45,6 @@ def _reference(x1, x2, *, depth, gap, fix):
     from mnkpipe.kernels.cntk_reference import cntk_reference
 
     return cntk_reference(x1, x2, depth=depth, gap=gap, fix=fix)
-
-
-def _rel(k, ref) -> float:
-    """max |K - ref| / max |ref|."""
-    return float(np.max(np.abs(k - ref)) / np.max(np.abs(ref)))
 
 
 def _images(rng, n, c, h, w, zero_patch=False):
@@ -179,9 +175,9 @@ def test_emulated_kernel_matches_reference(emu, h, w, c, depth, gap, fix, zero):
     k = emu.block(x, l, np.arange(4), np.arange(4), depth=depth, gap=gap, fix=fix, upper=True)
     ref = _reference(x, None, depth=depth, gap=gap, fix=fix)
     assert np.array_equal(k, k.T)
-    assert _rel(k, ref) <= TOL, (_rel(k, ref), k, ref)
+    assert rel_err(k, ref) <= TOL, (rel_err(k, ref), k, ref)
     kb = emu.block(x, l, [2, 0], [1, 3, 0], depth=depth, gap=gap, fix=fix)
-    assert _rel(kb, ref[np.ix_([2, 0], [1, 3, 0])]) <= TOL
+    assert rel_err(kb, ref[np.ix_([2, 0], [1, 3, 0])]) <= TOL
     if zero:
         assert np.all(k[-1] == 0.0)
 
@@ -209,7 +205,7 @@ def test_emulated_kernel_homogeneous_for_any_finite_magnitude(emu, a, b):
         k = emu.block(x, scale_maps(x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
         kab = emu.block(s * x, scale_maps(s * x, 5), [0, 1], [2, 3], depth=5, gap=gap, fix=fix)
         assert np.isfinite(kab).all()
-        assert _rel(kab / (a * b), k) <= 1e-6, (gap, fix)
+        assert rel_err(kab / (a * b), k) <= 1e-6, (gap, fix)
 
 
 @needs_gxx
@@ -228,13 +224,10 @@ def test_emulated_kernel_same_with_assembly_switch(emu):
 @pytest.mark.parametrize("key", ["random12_d2_gap", "random12_d5_vanilla", "random12_d8_gap", "random10c2_d4_gap"])
 def test_emulated_kernel_matches_neural_tangents(emu, golden, key):
     """Against neural-tangents' values (tests/data/README.md): channels counted without 1/C, so c2 is 2x the stored."""
-    name, d, head = key.rsplit("_", 2)
-    depth = int(d[1:])
-    x = golden[f"{name}_x"]
-    ref = golden[key] * (x.shape[1] if name.endswith("c2") else 1)
+    x, ref, depth, gap = golden_case(golden, key)
     n = len(x)
-    k = emu.block(x, scale_maps(x, depth), range(n), range(n), depth=depth, gap=head == "gap", upper=True)
-    assert _rel(k, ref) <= TOL, _rel(k, ref)
+    k = emu.block(x, scale_maps(x, depth), range(n), range(n), depth=depth, gap=gap, upper=True)
+    assert rel_err(k, ref) <= TOL, rel_err(k, ref)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -330,18 +323,18 @@ def test_cupy_cntk_class_on_emulated_device(fake_cupy, monkeypatch):
     ref = _reference(x, None, depth=depth, gap=True, fix=False)
     eng = cc.CupyCNTK(x, l, depth=depth)
     k = eng.block(np.arange(5), np.arange(5), upper=True)
-    assert np.array_equal(k, k.T) and _rel(k, ref) <= TOL
+    assert np.array_equal(k, k.T) and rel_err(k, ref) <= TOL
     kb = eng.block([4, 1], [0, 2, 3])
-    assert _rel(kb, ref[np.ix_([4, 1], [0, 2, 3])]) <= TOL
+    assert rel_err(kb, ref[np.ix_([4, 1], [0, 2, 3])]) <= TOL
     part = fake_cupy.full(2 * 42, np.nan)
     eng.launch(fake_cupy.asarray(np.array([1, 2], np.int32)), fake_cupy.asarray(np.array([3, 3], np.int32)), part)
     assert np.isfinite(part).all()
     with pytest.raises(IndexError):
         eng.pairs([0, 5], [1, 1])
     k2 = cc.cntk_block_cupy(x[:2], l[:2], x[2:], l[2:], depth=depth)
-    assert _rel(k2, ref[:2, 2:]) <= TOL
+    assert rel_err(k2, ref[:2, 2:]) <= TOL
     kv = cc.cntk_block_cupy(x, l, depth=depth, gap=False, fix=True, upper=True)
-    assert _rel(kv, _reference(x, None, depth=depth, gap=False, fix=True)) <= TOL
+    assert rel_err(kv, _reference(x, None, depth=depth, gap=False, fix=True)) <= TOL
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -495,4 +488,4 @@ def test_real_gpu_matches_reference(gap, fix):
     rng = np.random.default_rng()
     x = _images(rng, 5, 2, 9, 11, zero_patch=True)
     k = cc.cntk_block_cupy(x, scale_maps(x, 6), depth=6, gap=gap, fix=fix, upper=True)
-    assert _rel(k, _reference(x, None, depth=6, gap=gap, fix=fix)) <= TOL
+    assert rel_err(k, _reference(x, None, depth=6, gap=gap, fix=fix)) <= TOL
