@@ -1,6 +1,7 @@
 """The mnkpipe command line: thin click wrappers around the Python API."""
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,21 @@ def _api(call):
         return call()
     except (ValueError, RuntimeError, OSError) as e:
         _fail(e)
+
+
+class _StoreFolder(click.Path):
+    """--store: `~` expanded, then click's path checks, then store.store_folder's refusal of system folders."""
+
+    def __init__(self, exists: bool = False):
+        super().__init__(exists=exists, file_okay=False)
+
+    def convert(self, value, param, ctx):
+        from .store.paths import store_folder
+        value = super().convert(os.path.expanduser(value), param, ctx)
+        try:
+            return str(store_folder(value))
+        except RuntimeError as e:  # StoreError
+            self.fail(str(e), param, ctx)
 
 
 def _stop(message: str, code: int):
@@ -135,7 +151,7 @@ def gram_cmd(data, n, depth, size, backend):
 
 @main.command("compute-kernel")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="Experiment TOML (configs/).")
-@click.option("--store", required=True, type=click.Path(file_okay=False), help="Zarr store to create or resume.")
+@click.option("--store", required=True, type=_StoreFolder(), help="Zarr store to create or resume.")
 @click.option("--data", help="Data root (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
 @click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
               help="GPU workers (one cupy actor per GPU).")
@@ -161,7 +177,7 @@ def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, brea
 
 
 @main.command("status")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=_StoreFolder(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(store, as_json):
     """Tiles and pairs done, rate, ETA and the workers last seen."""
@@ -174,7 +190,7 @@ def status_cmd(store, as_json):
 
 
 @main.command("verify")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=_StoreFolder(exists=True))
 @click.option("--repair", is_flag=True,
               help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
@@ -233,7 +249,7 @@ def _show_results(store, out):
 
 
 @main.command("evaluate")
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="A computed store.")
+@click.option("--store", required=True, type=_StoreFolder(exists=True), help="A computed store.")
 @click.option("--train-tasks", callback=_int_list,
               help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
@@ -281,7 +297,7 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
 
 
 @main.command("baselines")
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--store", required=True, type=_StoreFolder(exists=True),
               help="The store whose episodes (same training subsets, same test tasks) the baselines use.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML with a [baselines] table.")
 @click.option("--train-tasks", callback=_int_list,
@@ -311,7 +327,7 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device
 
 
 @main.command("report")
-@click.option("--store", type=click.Path(file_okay=False), help="Store whose results to render.")
+@click.option("--store", type=_StoreFolder(), help="Store whose results to render.")
 @click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
 @click.option("--x", "x", default="tasks", show_default=True, type=click.Choice(["tasks", "characters"]),
               help="x-axis of the figure: training tasks or training characters (classes).")

@@ -12,7 +12,8 @@ import zarr
 from tqdm import tqdm
 
 from .. import __version__
-from ..store import StoreError, StoreLock, TiledArray, create_store, describe_differences, is_being_created, open_store
+from ..store import (StoreError, StoreLock, TiledArray, create_store, describe_differences, is_being_created,
+                     open_store, store_folder)
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment, experiment_plan, store_plan
 from .inspect import verify_store
@@ -80,7 +81,7 @@ def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0
     if tile_size:
         cfg.compute.tile_size = int(tile_size)
         cfg.validate()
-    store_path = Path(os.path.abspath(store_path))  # workers on other nodes open it by this path
+    store_path = store_folder(store_path)  # absolute: workers on other nodes open it by this path
     check_resources(address, cpus, gpus)  # before anything is built
     with StoreLock(store_path, command=" ".join(sys.argv), break_lock=break_lock):
         prepare_store(cfg, store_path, data=data, backend="cupy" if gpus else "cpu")
