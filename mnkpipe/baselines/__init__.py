@@ -4,8 +4,8 @@ from .convnet import make_convnet
 from .extractor import EmbeddingSettings, Extractor, train_extractor
 from .imaml import imaml_hypergrad, imaml_inner
 from .maml import maml_inner, maml_meta_loss
-from .train import BaselineSettings, evaluate, run_baseline
+from .train import BaselineSettings, run_baseline, task_accuracies
 
 __all__ = ["make_convnet", "maml_inner", "maml_meta_loss", "imaml_inner", "imaml_hypergrad",
-           "BaselineSettings", "run_baseline", "evaluate",
+           "BaselineSettings", "run_baseline", "task_accuracies",
            "EmbeddingSettings", "Extractor", "train_extractor"]

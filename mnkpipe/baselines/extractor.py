@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 
-CHECKPOINT = "extractor.pt"
+EXTRACTOR_CHECKPOINT = "extractor.pt"
 CHUNK = 512  # images per forward pass when computing statistics or embeddings (memory only, results unchanged)
 
 
@@ -134,7 +134,7 @@ def train_extractor(images: np.ndarray, labels: np.ndarray, settings: EmbeddingS
     x = torch.as_tensor(images, device=device)
     y = torch.as_tensor(y_np, dtype=torch.long, device=device)
     ident = {"settings": asdict(settings), "seed": seed, "data": _data_digest(images, labels)}
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    ckpt = Path(checkpoint_dir) / EXTRACTOR_CHECKPOINT if checkpoint_dir is not None else None
     start = 0
     if ckpt is not None and ckpt.exists():
         st = torch.load(ckpt, map_location=device, weights_only=True)

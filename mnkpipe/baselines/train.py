@@ -16,7 +16,7 @@ from .convnet import make_convnet
 from .imaml import imaml_hypergrad, imaml_inner
 from .maml import maml_inner, maml_meta_loss, task_loss
 
-METHODS = ("maml", "imaml")
+BASELINE_METHODS = ("maml", "imaml")
 BN_MODES = {
     "batch": "BatchNorm runs in train mode at test time: adaptation steps normalise with the statistics of the "
              "task's support batch and query predictions with the statistics of the task's whole query batch "
@@ -25,7 +25,7 @@ BN_MODES = {
                "statistics accumulated during meta-training (non-transductive; each query image is classified "
                "independently of the others).",
 }
-CHECKPOINT = "checkpoint.pt"
+BASELINE_CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _adapt(method, model, params, buffers, xs, ys, s: BaselineSettings) -> dict:
     return imaml_inner(model, params, buffers, xs, ys, lam=s.imaml_lam, steps=s.imaml_steps, lr=s.imaml_lr)
 
 
-def evaluate(method, model, params, buffers, X, tasks, s: BaselineSettings, device="cpu") -> np.ndarray:
+def task_accuracies(method, model, params, buffers, X, tasks, s: BaselineSettings, device="cpu") -> np.ndarray:
     """acc_t = mean_q [argmax f_{w_t}(x_q) == y_q], w_t adapted on task t's support; one entry per task."""
     buffers = {k: v.clone() for k, v in buffers.items()}  # train-mode BN would update the caller's running stats
     model.train(s.bn_mode == "batch")
@@ -150,8 +150,8 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
     run_key: what ties a checkpoint to its data (e.g. the store's fingerprint and the training tasks); a checkpoint
     in checkpoint_dir is resumed only if it was written with the same method, seed, way, settings and run_key.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method not in BASELINE_METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(BASELINE_METHODS)}")
     s = settings
     if s.bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {s.bn_mode!r}; allowed: {', '.join(BN_MODES)}")
@@ -175,7 +175,7 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
 
     ident = {"method": method, "seed": seed, "way": way,
              "settings": {k: v for k, v in asdict(s).items() if k != "meta_steps"}, "run_key": run_key or {}}
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    ckpt = Path(checkpoint_dir) / BASELINE_CHECKPOINT if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
         st = torch.load(ckpt, map_location=device, weights_only=True)
         if st["ident"] != ident:
@@ -202,7 +202,7 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
         opt.step()
         done = step + 1
         if done % s.eval_every == 0 or done == s.meta_steps:
-            acc = float(evaluate(method, model, params, buffers, X, val, s, device).mean())
+            acc = float(task_accuracies(method, model, params, buffers, X, val, s, device).mean())
             curve.append((done, acc))
             if acc > best_acc:
                 best_acc, best_step = acc, done
@@ -219,7 +219,7 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
                     "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
     bar.close()
 
-    test_acc = evaluate(method, model, best_params, best_buffers, X, test, s, device)
+    test_acc = task_accuracies(method, model, best_params, best_buffers, X, test, s, device)
     return {"method": method, "test_acc": test_acc, "val_curve": curve, "best_step": best_step,
             "best_val_acc": best_acc, "bn_mode": BN_MODES[s.bn_mode], "seconds": time.perf_counter() - t0,
             "settings": asdict(s), "best_params": best_params, "device": str(device)}

@@ -13,16 +13,13 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ..baselines.train import BaselineSettings, resolve_device, run_baseline
+from ..baselines.train import BASELINE_METHODS, BaselineSettings, resolve_device, run_baseline
 from ..pipeline.config import _section, read_table
 from ..store import open_store
 from .derived import check_results_dir, claim_results_dir, held, store_gram_key
-from .protocol import check_counts, default_counts, subset_size, train_subsets
+from .protocol import check_train_counts, default_counts, subset_size, train_subsets
 from .report import write_results
 from .results import merged, method_record, results_dir, results_header
-
-METHODS = ("maml", "imaml")
-
 
 def baseline_settings(config_path=None, **overrides) -> BaselineSettings:
     """[baselines] table of a TOML file (optional, types checked) plus keyword overrides; ranges validated."""
@@ -39,12 +36,12 @@ def checkpoint_key(gram_key: str, way: int, settings: BaselineSettings) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int = 1, settings=None, out=None,
+def run_baselines(store_path, *, methods=BASELINE_METHODS, train_counts=None, seeds: int = 1, settings=None, out=None,
                   progress: bool = True, device: str = "auto") -> dict:
     """For each method, count n and seed: meta-train on the seed's first n training tasks, select on val, test."""
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(BASELINE_METHODS)
     if unknown:
-        raise ValueError(f"unknown baseline method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown baseline method(s) {sorted(unknown)}; choose from {', '.join(BASELINE_METHODS)}")
     if int(seeds) < 1:
         raise ValueError(f"--seeds must be >= 1; got {seeds}")
     settings = settings or BaselineSettings()
@@ -55,7 +52,7 @@ def run_baselines(store_path, *, methods=METHODS, train_counts=None, seeds: int 
     ep = store.episodes()
     if ep.val is None or ep.val.n_tasks == 0:
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
-    counts = check_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
+    counts = check_train_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
     out_dir = check_results_dir(results_dir(store.path, out), store.path)  # outside the store, made by mnkpipe
     results = results_header(store)
     merged(out_dir / "results.json", results)  # refuses another store's results before any training

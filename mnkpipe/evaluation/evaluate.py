@@ -17,7 +17,7 @@ from .labels import (LABEL_MODES, decode, embedding_settings, embedding_targets,
                      pool_embeddings, write_extractor_key)
 from .phi import (ARRAY, INF, PhiSource, kernel_reader, phi_attrs, phi_path, phi_settings, prepare_phi, read_phi,
                   task_ops_list)
-from .protocol import check_counts, default_counts, subset_size, train_subsets
+from .protocol import check_train_counts, default_counts, subset_size, train_subsets
 from .report import write_results
 from .results import merged, method_key, method_record, results_dir, results_header
 
@@ -122,7 +122,7 @@ def evaluate(store_path, settings: EvaluateSettings | None = None, **options) ->
     store = open_store(store_path)  # read-only: evaluate writes nothing into the store
     ep = store.episodes()
     check_complete(store)
-    counts = check_counts(settings.train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
+    counts = check_train_counts(settings.train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
     out, results = results_folder(store, settings.out)
     run = _Run(store, out, settings, counts)
     run.curve()

@@ -11,7 +11,8 @@ def train_subsets(n_train: int, counts, seed: int) -> dict[int, np.ndarray]:
     return {int(n): np.sort(perm[:n]) for n in counts}
 
 
-def check_counts(counts, n_train: int) -> list[int]:
+def check_train_counts(counts, n_train: int) -> list[int]:
+    """The distinct counts of training tasks, sorted; ValueError naming --train-tasks unless 1 <= each <= n_train."""
     counts = sorted({int(c) for c in counts})
     if not counts or counts[0] < 1:
         raise ValueError(f"--train-tasks must be positive integers; got {counts}")
