@@ -14,7 +14,7 @@ from dataclasses import asdict
 import numpy as np
 
 from ..baselines.train import BASELINE_METHODS, BaselineSettings, resolve_device, run_baseline
-from ..pipeline.config import _section, read_table
+from ..pipeline.config import read_table, section
 from ..store import open_store
 from .derived import check_results_dir, claim_results_dir, held, store_gram_key
 from .protocol import check_train_counts, default_counts, subset_size, train_subsets
@@ -24,7 +24,7 @@ from .results import merged, method_record, results_dir, results_header
 def baseline_settings(config_path=None, **overrides) -> BaselineSettings:
     """[baselines] table of a TOML file (optional, types checked) plus keyword overrides; ranges validated."""
     table, where = read_table(config_path, "baselines")
-    s = _section(BaselineSettings, {**table, **{k: v for k, v in overrides.items() if v is not None}}, where)
+    s = section(BaselineSettings, {**table, **{k: v for k, v in overrides.items() if v is not None}}, where)
     s.validate(where)
     return s
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..data import TaskSet
 from ..kernels import mnk
-from ..pipeline.config import _section, read_table
+from ..pipeline.config import read_table, section
 from .derived import write_json_whole
 
 LABEL_MODES = ("onehot", "embedding")
@@ -22,7 +22,7 @@ def embedding_settings(config_path=None):
     checked; errors name the file and the key."""
     from ..baselines.extractor import EmbeddingSettings
     table, where = read_table(config_path, "embedding")
-    s = _section(EmbeddingSettings, table, where)
+    s = section(EmbeddingSettings, table, where)
     s.validate(where)
     return s
 

@@ -79,7 +79,7 @@ class ExperimentConfig:
             table = d.get(f.name, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{f.name}] must be a table")
-            parts[f.name] = _section(f.default_factory, table, f"{where} [{f.name}]")
+            parts[f.name] = section(f.default_factory, table, f"{where} [{f.name}]")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - set(OPTIONAL_TABLES)
         if unknown:
             raise ConfigError(f"{where}: unknown table(s) {sorted(unknown)}; expected [data], [tasks], [kernel], "
@@ -122,7 +122,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{where}: {msg} (got {value!r})")
 
 
-def _section(factory, table: dict, where: str):
+def section(factory, table: dict, where: str):
     obj = factory()
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in table.items():
