@@ -6,14 +6,13 @@ results are never merged into a results.json written for another Gram (a store r
 seed, other tasks or another kernel).
 """
 
-import hashlib
-import json
 import time
 from dataclasses import asdict
 
 import numpy as np
 
 from ..baselines.train import BASELINE_METHODS, BaselineSettings, resolve_device, run_baseline
+from ..keys import settings_key
 from ..pipeline.config import read_table, section
 from ..store import open_store
 from .derived import check_results_dir, claim_results_dir, held, store_gram_key
@@ -33,7 +32,7 @@ def checkpoint_key(gram_key: str, way: int, settings: BaselineSettings) -> str:
     """sha256 of the store's Gram key, way and the settings except meta_steps (a longer run resumes a shorter one)."""
     ident = {"store": gram_key, "way": way,
              "settings": {k: v for k, v in asdict(settings).items() if k != "meta_steps"}}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(ident)
 
 
 def run_baselines(store_path, *, methods=BASELINE_METHODS, train_counts=None, seeds: int = 1, settings=None, out=None,

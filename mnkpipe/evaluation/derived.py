@@ -2,7 +2,6 @@
 marker (mnkpipe writes only into folders it made), one lock per derived item, and folders created whole or not at
 all (built under <results>/.partial/, then renamed into place)."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+from ..keys import settings_key
 
 RESULTS_MARKER = ".mnkpipe-results"  # written into a results folder when mnkpipe creates or first uses it
 RESULTS_FORMAT = "mnkpipe-results/1"
@@ -29,7 +30,7 @@ def gram_settings(config: dict) -> dict:
 def gram_key(fingerprint: str, config: dict) -> str:
     """sha256 of everything that determines a store's Gram: its fingerprint (images, episodes) and gram_settings."""
     ident = {"fingerprint": fingerprint, "settings": gram_settings(config)}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return settings_key(ident, 64)
 
 
 def store_gram_key(store) -> str:

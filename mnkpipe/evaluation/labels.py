@@ -2,8 +2,6 @@
 extractor trained on the images of the training tasks only; their regression targets and how predictions are
 decoded."""
 
-import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 
 from ..data import TaskSet
 from ..kernels import mnk
+from ..keys import settings_key
 from ..pipeline.config import read_table, section
 from .derived import write_json_whole
 
@@ -44,7 +43,7 @@ def extractor_key(gram_key: str, subset, seed: int, settings) -> dict:
 
 def extractor_dir(results: Path, key: dict) -> Path:
     """<results>/extractors/<hash of key>/: checkpoints of the extractor of one training subset and seed."""
-    return Path(results) / "extractors" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(results) / "extractors" / settings_key(key)
 
 
 def write_extractor_key(path: Path, key: dict) -> None:

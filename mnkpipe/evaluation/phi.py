@@ -8,8 +8,6 @@ kernel settings), fingerprint and path, and every setting the key covers. A grou
 driver from a PhiSource, which reads only the Gram tiles it needs (a bounded cache of them), never the whole Gram.
 """
 
-import hashlib
-import json
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +17,7 @@ import zarr
 
 from ..data import TaskSet
 from ..kernels import mnk
+from ..keys import settings_key
 from ..store import StoreError, TiledArray, add_tiled_array, open_store, symmetric_block
 from .derived import create_whole, store_gram_key
 
@@ -117,7 +116,7 @@ def covered(attrs: dict) -> dict:
 
 def phi_key(attrs: dict) -> str:
     """Folder name of a Phi group: a hash of its covered attributes."""
-    return hashlib.sha256(json.dumps(covered(attrs), sort_keys=True).encode()).hexdigest()[:16]
+    return settings_key(covered(attrs))
 
 
 def phi_path(results: Path, attrs: dict) -> Path:
