@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import (EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
+from ..data import (DataError, EpisodeSet, ImageDataset, TaskSet, fit_standardiser, load_image_folder, load_lake_runs,
                     load_omniglot, omniglot_alphabets, resolve_data_root, sample_episodes, standardise_and_pad)
 from ..data.episodes import family_cut, family_permutation, sample_tasks
 from .config import ConfigError, ExperimentConfig
@@ -97,16 +97,29 @@ def build_experiment(cfg: ExperimentConfig, data: str | None = None) -> Experime
     test_used, test = _pool(ep.test, len(train_used))
     images = np.concatenate([prep(train_ds.images[train_used]), prep(test_ds.images[test_used])])
     paths = [train_ds.paths[i] for i in train_used] + [test_ds.paths[i] for i in test_used]
+    check_not_blank(images, paths, mean)
     val_images = np.zeros((0,) + images.shape[1:], np.float32)
     val = None
     if ep.val is not None and ep.val.n_tasks:
         val_used, val = _pool(ep.val, 0)
         val_images = prep(train_ds.images[val_used])
+        check_not_blank(val_images, [train_ds.paths[i] for i in val_used], mean)
     meta = dict(ep.meta, protocol=t.protocol, dataset=cfg.data.dataset)
     episodes = EpisodeSet(way=ep.way, shot=ep.shot, query=ep.query, seed=ep.seed, train=train, test=test, val=val,
                           meta=meta)
     return Experiment(images=images.astype(np.float32), val_images=val_images.astype(np.float32), episodes=episodes,
                       n_train_images=len(train_used), mean=float(mean), std=float(std), paths=paths)
+
+
+def check_not_blank(images: np.ndarray, paths: list[str], mean: float) -> None:
+    """DataError naming the file of an image whose standardised pixels are all 0 (each equals the training mean):
+    its CNTK with every image is 0, so the cosine normalisation K_ij / sqrt(K_ii K_jj) would be 0/0."""
+    blank = np.flatnonzero(~np.any(images.reshape(len(images), -1) != 0, axis=1))
+    if blank.size:
+        more = f" (and {blank.size - 1} more)" if blank.size > 1 else ""
+        raise DataError(f"image {paths[blank[0]]}{more} is blank after standardisation (every pixel equals the "
+                          f"training mean {mean:.6g}): its kernel with every image is 0, so the normalised kernel "
+                          "would be 0/0; remove it from the data (nothing was written)")
 
 
 def _base_class(name: str) -> str:
