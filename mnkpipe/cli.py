@@ -287,12 +287,11 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
     under the results folder, keyed by their settings, so a rerun or a sweep reuses them. Writes results.json,
     results.csv, results.md and accuracy.png there.
     """
-    from .evaluation.evaluate import evaluate
-    _api(lambda: evaluate(store, train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels,
-                          augment=augment, config=config, ridge=ridge, eta=eta, t_outer=t_outer,
-                          normalise=not no_normalise, conventions=conventions,
-                          phi_tile_size=phi_tile_size, cpus=cpus, address=address,
-                          progress=not no_progress))
+    from .evaluation.evaluate import EvaluateSettings, evaluate
+    _api(lambda: evaluate(store, EvaluateSettings(
+        train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels, augment=augment, config=config,
+        ridge=ridge, eta=eta, t_outer=t_outer, normalise=not no_normalise, conventions=conventions,
+        phi_tile_size=phi_tile_size, cpus=cpus, address=address, progress=not no_progress)))
     _show_results(store, out)
 
 
