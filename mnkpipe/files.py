@@ -25,3 +25,15 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
 def atomic_write_text(path, text: str) -> Path:
     """atomic_write of a UTF-8 text."""
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path, what: str = ""):
+    """The JSON document in the file at path; ValueError naming `what` (default: the file's name) and the path when
+    it is not valid JSON (a truncated or damaged file), never json's bare 'Expecting value: line 1 column 1'."""
+    import json
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what or path.name} at {path} is not valid JSON ({e}); it is damaged or was cut short: "
+                         "restore it, or remove it to rebuild it") from None

@@ -6,6 +6,7 @@ import fcntl
 import json
 from pathlib import Path
 
+from ..files import read_json
 from .derived import check_results_dir, claim_results_dir
 from .results import merged, method_label
 
@@ -44,7 +45,7 @@ def render(out_dir, x: str = "tasks", store=None) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no results.json in {out}: run `mnkpipe evaluate` (and `mnkpipe baselines`) first")
     claim_results_dir(out, store)
-    results = json.loads(path.read_text())
+    results = read_json(path)
     methods = _methods(results)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -11,6 +11,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from .. import __version__
+from ..files import read_json
 from .derived import RESULTS_FORMAT, gram_key, gram_settings, store_gram_key
 
 METHOD_NAMES = {"mnk": "MNK", "meta_term": "MNK meta term alone", "r_t": "CNTK on test support only (r_t)",
@@ -155,6 +156,6 @@ def merged(path: Path, results: dict) -> dict:
     and header keys results lack."""
     if not path.exists():
         return results
-    old = json.loads(path.read_text())
+    old = read_json(path)
     check_same_store(path, old, results)
     return {**old, **results, "methods": {**old.get("methods", {}), **results["methods"]}}
