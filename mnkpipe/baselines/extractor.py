@@ -4,7 +4,8 @@ training tasks' images (global class labels); its embedding is the D = channels 
 Sizing rule (any image size >= 1, D = channels always): block b's 3x3 conv is unpadded when its input side is >= 4
 (the reference's layout) and padded (side kept) below that; the block max-pools 2x2 while the conv's output side is
 >= 2; a final global average pool reduces what is left to 1x1. On 28x28 with 3 blocks this is exactly the reference
-(26, 13, 11, 5, 3, 1: the global pool is the identity); on 16x16: 14, 7, 5, 2, 2 (padded), 1; on 8x8: 6, 3, 3 (padded), 1.
+(26, 13, 11, 5, 3, 1: the global pool is the identity); on 16x16: 14, 7, 5, 2, 2 (padded), 1; on 8x8: 6, 3, 3
+(padded), 1.
 
 BatchNorm: after training, each BatchNorm layer's running mean and variance are set, layer by layer in eval mode,
 to the exact mean and (unbiased) variance of its input over all training images: the statistics a single train-mode

@@ -12,7 +12,9 @@ def _dot(a, b) -> torch.Tensor:
 
 
 def imaml_inner(model, theta, buffers, xs, ys, *, lam, steps, lr) -> dict:
-    """w_0 = theta, w_{k+1} = w_k - lr * (grad L_support(w_k) + lam (w_k - theta)) ~ argmin_w L_s(w) + lam/2 ||w - theta||^2."""
+    """w_0 = theta, w_{k+1} = w_k - lr * (grad L_support(w_k) + lam (w_k - theta)).
+
+    w_steps ~ argmin_w L_s(w) + lam/2 ||w - theta||^2."""
     theta = {k: v.detach() for k, v in theta.items()}
     w = {k: v.clone().requires_grad_() for k, v in theta.items()}
     with torch.enable_grad():
@@ -24,7 +26,7 @@ def imaml_inner(model, theta, buffers, xs, ys, *, lam, steps, lr) -> dict:
 
 
 def imaml_hypergrad(model, w, buffers, xs, ys, xq, yq, *, lam, cg_steps) -> dict:
-    """v = (I + H/lam)^-1 g by `cg_steps` of CG, g = dL_query/dw and H = d2L_support/dw2 at w (Hessian-vector products)."""
+    """v = (I + H/lam)^-1 g by `cg_steps` of CG, g = dL_query/dw, H = d2L_support/dw2 at w (Hessian-vector products)."""
     keys = list(w)
     ws = [w[k].detach().requires_grad_() for k in keys]
     wd = dict(zip(keys, ws))

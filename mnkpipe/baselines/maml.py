@@ -16,7 +16,8 @@ def task_loss(model, params, buffers, x, y) -> torch.Tensor:
 
 
 def maml_inner(model, params, buffers, xs, ys, *, steps, lr, create_graph) -> dict:
-    """w_0 = params, w_{k+1} = w_k - lr * grad L_support(w_k); returns w_steps (differentiable wrt params if create_graph)."""
+    """w_0 = params, w_{k+1} = w_k - lr * grad L_support(w_k); returns w_steps (differentiable wrt params if
+    create_graph)."""
     w = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
     with torch.enable_grad():
         for _ in range(steps):

@@ -72,7 +72,9 @@ def resolve_device(device: str) -> str:
 
 def _task(X, tasks, t, device):
     """(xs, ys, xq, yq) tensors of task t."""
-    lab = lambda a: torch.as_tensor(np.asarray(a[t]), dtype=torch.long, device=device)
+    def lab(a):
+        return torch.as_tensor(np.asarray(a[t]), dtype=torch.long, device=device)
+
     return X[lab(tasks.support)], lab(tasks.support_labels), X[lab(tasks.query)], lab(tasks.query_labels)
 
 
@@ -102,7 +104,7 @@ def task_accuracies(method, model, params, buffers, X, tasks, s: BaselineSetting
 
 
 def _meta_step(method, model, params, buffers, batch, s: BaselineSettings) -> float | None:
-    """Accumulate the mean meta-gradient of the batch into params[k].grad; returns the mean query loss (MAML) or None."""
+    """Accumulate the batch's mean meta-gradient into params[k].grad; returns the mean query loss (MAML) or None."""
     n = len(batch)
     if method == "maml":
         total = 0.0
@@ -145,7 +147,7 @@ def shorter_run(ckpt: Path, st: dict, steps: int) -> list:
 def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int, settings: BaselineSettings,
                  seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
                  device="cpu", run_key: dict | None = None) -> dict:
-    """Meta-train theta with Adam on the train tasks, select theta* = argmax val accuracy, return test accuracy of theta*.
+    """Meta-train theta with Adam on the train tasks, select theta* = argmax val accuracy; test accuracy of theta*.
 
     run_key: what ties a checkpoint to its data (e.g. the store's fingerprint and the training tasks); a checkpoint
     in checkpoint_dir is resumed only if it was written with the same method, seed, way, settings and run_key.
