@@ -1,4 +1,4 @@
-"""--store names a new folder for mnkpipe: `~` is the home folder, and system folders and the home folder are refused."""
+"""--store names a new folder: `~` is the home folder; system folders and the home folder itself are refused."""
 
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """The driver: create or check the store, then dispatch its missing tiles to Ray workers and track progress."""
 
+import errno
 import os
 import shutil
 import sys
@@ -83,9 +84,15 @@ def compute_kernel(config, store_path, *, data: str | None = None, gpus: int = 0
         cfg.validate()
     store_path = store_folder(store_path)  # absolute: workers on other nodes open it by this path
     check_resources(address, cpus, gpus)  # before anything is built
-    with StoreLock(store_path, command=" ".join(sys.argv), break_lock=break_lock):
-        prepare_store(cfg, store_path, data=data, backend="cupy" if gpus else "cpu")
-        return run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress)
+    try:
+        with StoreLock(store_path, command=" ".join(sys.argv), break_lock=break_lock):
+            prepare_store(cfg, store_path, data=data, backend="cupy" if gpus else "cpu")
+            return run_tiles(store_path, gpus=gpus, cpus=cpus, address=address, progress=progress)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise StoreError(f"the disk holding {store_path} is full ({e.strerror}): free space there, or give another "
+                         "--store; rerunning the same command then rebuilds or resumes the store") from None
 
 
 def repair_store(store_path, *, gpus: int = 0, cpus: int | None = None, address: str | None = None,
