@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import atomic_write
+from ..memory import check_fits
 from .dataset import DataError, ImageDataset
 
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
@@ -334,6 +335,10 @@ def load_or_decode(
     desc: str = "decoding",
 ) -> ImageDataset:
     """Return the cached dataset for key, or decode all class entries, cache them and return the dataset."""
+    if image_size is not None:  # uint8 pixels, their float32 copy and the float64 temporaries of standardising them
+        n = sum(len(e.files) for e in entries)
+        check_fits(n * image_size ** 2 * (1 if grayscale else 3) * (1 + 4 + 8),
+                   f"image_size {image_size}: {n} images of {image_size}x{image_size} pixels")
     hit = load_cache(cache_file, key)
     if hit is not None:
         return hit

@@ -6,11 +6,15 @@ import numpy as np
 
 from ..data import fit_standardiser, load_omniglot, resolve_data_root, standardise_and_pad
 from ..kernels import cntk, resolve_backend
+from ..memory import TooBigError
 
 
 def omniglot_gram(data=None, *, n: int = 8, depth: int = 10, size: int = 28, backend: str = "auto") -> dict:
     """K of the first image of n different evaluation characters (two alphabets), standardised and padded by 4."""
-    ds = load_omniglot(resolve_data_root(data), "evaluation", image_size=size, alphabets=["Angelic", "Keble"])
+    try:
+        ds = load_omniglot(resolve_data_root(data), "evaluation", image_size=size, alphabets=["Angelic", "Keble"])
+    except TooBigError as e:
+        raise TooBigError(f"--size {size}: {e}") from None
     if n > ds.n_classes:
         raise ValueError(f"--n {n}: the quick look has {ds.n_classes} characters (alphabets Angelic and Keble); "
                          f"use --n {ds.n_classes} or fewer")
