@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import atomic_write
+from ..keys import settings_key
 from ..memory import check_fits
 from .dataset import DataError, ImageDataset
 
@@ -279,8 +280,7 @@ def cache_path(cache_dir: str | os.PathLike | None | bool, stem: str, key: dict)
     if cache_dir is False:
         return None
     base = default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir).expanduser()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return base / f"{stem}-{digest}.npz"
+    return base / f"{stem}-{settings_key(key, 20)}.npz"
 
 
 def load_cache(path: Path | None, key: dict) -> ImageDataset | None:

@@ -18,6 +18,7 @@ import zarr
 from ..data import TaskSet
 from ..kernels import mnk
 from ..keys import settings_key
+from ..pipeline.plan import plan_full
 from ..store import StoreError, TiledArray, add_tiled_array, open_store, symmetric_block
 from .derived import create_whole, store_gram_key
 
@@ -138,8 +139,7 @@ def prepare_phi(results: Path, attrs: dict, tasks: TaskSet, tile_size: int) -> P
 def _new_group(path: Path, attrs: dict, m: int, tile_size: int) -> None:
     """A Zarr group at path with attrs as its one attribute document and an empty (m, m) tiled `mnk` array."""
     root = zarr.create_group(str(path), attributes=attrs)
-    nb = -(-m // tile_size)
-    add_tiled_array(root, ARRAY, m, tile_size, "float64", np.triu(np.ones((nb, nb), bool)))
+    add_tiled_array(root, ARRAY, m, tile_size, "float64", plan_full(m, tile_size))
 
 
 def read_phi(path: Path) -> np.ndarray:
@@ -148,7 +148,4 @@ def read_phi(path: Path) -> np.ndarray:
     missing = g.missing_tiles()
     if missing:
         raise StoreError(f"{path}: {len(missing)} meta-kernel tiles are not done; rerun the same evaluate")
-    a = g.read_all()
-    lower = np.tril_indices(len(a), -1)
-    a[lower] = a.T[lower]
-    return a
+    return g.read_symmetric()

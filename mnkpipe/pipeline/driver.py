@@ -18,7 +18,7 @@ from ..store import (StoreError, StoreLock, TiledArray, create_store, describe_d
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment, experiment_plan, store_plan
 from .inspect import verify_store
-from .ray_session import (HeldSignals, NodeLost, RayFailure, check_counts, check_private_node, check_resources,
+from .ray_session import (HeldSignals, NodeLost, RayFailure, check_requested_counts, check_private_node, check_resources,
                           explain, start_ray, stop_ray)
 
 RESTARTS = 3  # restarts of Ray in a row, without a tile finished in between, before the driver gives up
@@ -134,7 +134,7 @@ def _make_workers(source, target: TiledArray, gpus: int, cpus: int | None):
     worker = make_ray_worker()
     args = (source, str(target.path), target.name, __version__)
     resources = ray.cluster_resources()
-    check_counts("the Ray cluster", resources, cpus=cpus, gpus=gpus)
+    check_requested_counts("the Ray cluster", resources, cpus=cpus, gpus=gpus)
     if gpus:
         return [worker.options(num_gpus=1, num_cpus=1).remote(*args, "cupy", 1) for _ in range(gpus)]
     n = cpus or int(resources["CPU"])

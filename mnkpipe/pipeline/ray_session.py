@@ -131,18 +131,18 @@ def check_resources(address: str | None, cpus: int | None, gpus: int) -> None:
     if gpus < 0:
         raise ValueError(f"--gpus must be 0 or more (got {gpus})")
     if not address:
-        check_counts("this machine", {"CPU": local_cpus(), "GPU": local_gpus() if gpus else 0}, cpus=cpus, gpus=gpus)
+        check_requested_counts("this machine", {"CPU": local_cpus(), "GPU": local_gpus() if gpus else 0}, cpus=cpus, gpus=gpus)
         return
     import ray
     started = start_ray(address)
     try:
-        check_counts(f"the Ray cluster at {address}", ray.cluster_resources(), cpus=cpus, gpus=gpus)
+        check_requested_counts(f"the Ray cluster at {address}", ray.cluster_resources(), cpus=cpus, gpus=gpus)
     finally:
         if started:
             stop_ray()
 
 
-def check_counts(where: str, resources: dict, *, cpus: int | None, gpus: int) -> None:
+def check_requested_counts(where: str, resources: dict, *, cpus: int | None, gpus: int) -> None:
     """Refuse more CPUs or GPUs than `resources` (Ray's {"CPU": .., "GPU": ..}) of `where` hold."""
     have_cpus, have_gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if cpus is not None and cpus > have_cpus:
