@@ -42,8 +42,10 @@ def run(cfg: ExperimentConfig, store: Path) -> dict:
 
 
 def report(name: str, s: dict, n: int) -> None:
-    print(f"| {name} | {n:,} | {s['pairs_computed']:,} | {s['wall']:.0f} s | {s['pairs_computed'] / s['seconds']:,.0f} | "
-          f"{s['worker_rss_mb']:.0f} MiB | {100 * s['overhead_share']:.1f}% | {100 * s['io_s'] / max(s['compute_s'], 1e-9):.2f}% |")
+    print(f"| {name} | {n:,} | {s['pairs_computed']:,} | {s['wall']:.0f} s | "
+          f"{s['pairs_computed'] / s['seconds']:,.0f} | "
+          f"{s['worker_rss_mb']:.0f} MiB | {100 * s['overhead_share']:.1f}% | "
+          f"{100 * s['io_s'] / max(s['compute_s'], 1e-9):.2f}% |")
 
 
 def main():
@@ -78,7 +80,8 @@ def main():
         t0 = time.time()
         compute_kernel(cfg, store, progress=False)
         noop_wall = time.time() - t0
-        print("\n| run | N | pairs | wall | pairs/s | worker peak RSS | worker time not in kernel | read+write / kernel |")
+        print("\n| run | N | pairs | wall | pairs/s | worker peak RSS | worker time not in kernel "
+              "| read+write / kernel |")
         print("|---|---|---|---|---|---|---|---|")
         for name, s_, n_ in rows:
             report(name, s_, n_)

@@ -74,8 +74,12 @@ def test_maml_meta_gradient_matches_finite_differences():
 
 def flat_tools(w):
     keys, shapes, sizes = list(w), [v.shape for v in w.values()], [v.numel() for v in w.values()]
-    flat = lambda d: torch.cat([d[k].detach().flatten() for k in keys])
-    unflat = lambda f: {k: c.view(s) for k, c, s in zip(keys, torch.split(f, sizes), shapes)}
+    def flat(d):
+        return torch.cat([d[k].detach().flatten() for k in keys])
+
+    def unflat(f):
+        return {k: c.view(s) for k, c, s in zip(keys, torch.split(f, sizes), shapes)}
+
     return flat, unflat
 
 
@@ -90,7 +94,10 @@ def test_imaml_hypergradient_matches_exact_solve(smooth):
     gen = torch.Generator().manual_seed(3)
     xs, ys, xq, yq = tiny_task(gen)
     lam = 2.0
-    inner = lambda th: imaml_inner(model, th, buffers, xs, ys, lam=lam, steps=400 if smooth else 16, lr=0.1)
+
+    def inner(th):
+        return imaml_inner(model, th, buffers, xs, ys, lam=lam, steps=400 if smooth else 16, lr=0.1)
+
     w = inner(theta)
     flat, unflat = flat_tools(w)
     flat_w = flat(w)
@@ -107,7 +114,10 @@ def test_imaml_hypergradient_matches_exact_solve(smooth):
     assert torch.linalg.eigvalsh(A).min() > 0
     g = grad_at(xq, yq)
     v_exact = torch.linalg.solve(A, g)
-    hyper = lambda n: flat(imaml_hypergrad(model, w, buffers, xs, ys, xq, yq, lam=lam, cg_steps=n))
+
+    def hyper(n):
+        return flat(imaml_hypergrad(model, w, buffers, xs, ys, xq, yq, lam=lam, cg_steps=n))
+
     assert rel_norm(hyper(3 * len(flat_w)), v_exact) < 1e-6
     # truncated CG: the A-norm error falls at every iteration; 5 iterations (the protocol's) already get close
     a_err = [float((hyper(n) - v_exact) @ A @ (hyper(n) - v_exact)) for n in range(6)]

@@ -1,4 +1,5 @@
-"""The baselines runner on real smoke stores (built without Ray): tied to the store, recorded fully, bad input refused."""
+"""The baselines runner on real smoke stores (built without Ray): tied to the store, recorded fully, bad input
+refused."""
 import json
 import shutil
 from pathlib import Path

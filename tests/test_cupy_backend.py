@@ -102,7 +102,8 @@ def test_host_planning():
     x = rng.standard_normal((3, 2, 5, 40))
     l = scale_maps(x, 4)
     x32, l32, h, w, m = cc.prepare_images(x, l, 4)
-    assert (h, w) == (40, 5) and np.all(m == 2.0 ** np.floor(np.log2(np.abs(x).max(axis=(1, 2, 3))))) and x32.shape == (3, 2, 40, 5) and l32.shape == (3, 3, 40, 5)
+    assert ((h, w) == (40, 5) and np.all(m == 2.0 ** np.floor(np.log2(np.abs(x).max(axis=(1, 2, 3)))))
+            and x32.shape == (3, 2, 40, 5) and l32.shape == (3, 3, 40, 5))
     assert x32.dtype == l32.dtype == np.float32 and x32.flags.c_contiguous and l32.flags.c_contiguous
     np.testing.assert_allclose(x32 * m[:, None, None, None], x.swapaxes(2, 3), rtol=1e-6)
     np.testing.assert_allclose(l32 * m[:, None, None, None], l.swapaxes(2, 3) * cc.map_scales(4)[None, :, None, None],
@@ -406,7 +407,8 @@ def nvrtc_compile(h: int, w: int, arch: str, extra: tuple[str, ...] = (), min_bl
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), cc.kernel_source().encode(), b"cntk_fused.cu", 0, None,
                                   None) == 0
     try:
-        opts = [o.encode() for o in (*cc.compile_options(h, w, min_blocks), "-ftz=true", f"--gpu-architecture={arch}", *extra)]
+        opts = [o.encode()
+                for o in (*cc.compile_options(h, w, min_blocks), "-ftz=true", f"--gpu-architecture={arch}", *extra)]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

@@ -138,7 +138,8 @@ def index_tree(tree: Tree, where: str, layout: str = "auto") -> list[ClassEntry]
     top_dirs, top_files = kids[()]
     if not top_dirs:
         extra = f"; it holds {len(top_files)} files directly, e.g. {top_files[0]!r}" if top_files else ""
-        raise DataError(f"no class folders found in {where}{extra} (expected {where}/<class>/*.png or {where}/<group>/<class>/*.png)")
+        raise DataError(f"no class folders found in {where}{extra} "
+                        f"(expected {where}/<class>/*.png or {where}/<group>/<class>/*.png)")
     if layout == "auto":
         grouped = [d for d in top_dirs if kids[(d,)][0]]
         flat = [d for d in top_dirs if not kids[(d,)][0] and kids[(d,)][1]]
@@ -172,7 +173,8 @@ def index_tree(tree: Tree, where: str, layout: str = "auto") -> list[ClassEntry]
         for g in top_dirs:
             subdirs, files = kids[(g,)]
             if files:
-                raise DataError(f"unexpected file {where}/{g}/{files[0]} in group folder {where}/{g} (expected only class folders)")
+                raise DataError(f"unexpected file {where}/{g}/{files[0]} in group folder {where}/{g} "
+                                "(expected only class folders)")
             if not subdirs:
                 raise DataError(f"empty group folder {where}/{g}: it contains no class folders")
             for c in subdirs:

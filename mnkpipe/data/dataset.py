@@ -47,7 +47,8 @@ class ImageDataset:
         if len(self.groups) != len(self.classes):
             raise DataError(f"groups has {len(self.groups)} entries for {len(self.classes)} classes")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise DataError(f"labels must lie in [0, {len(self.classes)}), got [{self.labels.min()}, {self.labels.max()}]")
+            raise DataError(f"labels must lie in [0, {len(self.classes)}), "
+                            f"got [{self.labels.min()}, {self.labels.max()}]")
 
     def __len__(self) -> int:
         """Number of images."""
@@ -87,7 +88,8 @@ class ImageDataset:
         )
 
     def with_rotations(self) -> "ImageDataset":
-        """Four times the classes: originals keep ids 0..C-1, then rot90, rot180, rot270 copies (counter-clockwise) as new classes."""
+        """Four times the classes: originals keep ids 0..C-1, then rot90, rot180, rot270 copies (counter-clockwise) as
+        new classes."""
         c, h, w = self.image_shape
         if h != w:
             raise DataError(f"with_rotations needs square images, got {h}x{w}")

@@ -1,4 +1,5 @@
-"""Few-shot tasks: index-based task sets, seeded N-way K-shot sampling, and class-disjoint train/val/test episode sets."""
+"""Few-shot tasks: index-based task sets, seeded N-way K-shot sampling, and class-disjoint train/val/test episode
+sets."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _int2d(name: str, a) -> np.ndarray:
 
 @dataclass
 class TaskSet:
-    """T few-shot tasks as image indices: support/query (T, way*shot)/(T, way*query), labels in [0, way), class ids (T, way)."""
+    """T few-shot tasks as image indices: support/query (T, way*shot)/(T, way*query), labels in [0, way), class ids
+    (T, way)."""
 
     support: np.ndarray
     support_labels: np.ndarray
@@ -144,7 +146,8 @@ class EpisodeSet:
         return out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict of arrays ('train/support', ..., 'way', 'shot', 'query', 'seed' as (1,) int64, 'meta' as (1,) JSON str)."""
+        """Flat dict of arrays ('train/support', ..., 'way', 'shot', 'query', 'seed' as (1,) int64, 'meta' as (1,)
+        JSON str)."""
         out: dict[str, np.ndarray] = {
             k: np.array([int(getattr(self, k))], dtype=np.int64) for k in ("way", "shot", "query", "seed")
         }
@@ -226,7 +229,8 @@ def sample_tasks(
         lo, hi = np.searchsorted(sorted_labels, [c, c + 1])
         if hi - lo < need:
             raise DataError(
-                f"{_class_name(int(c), class_names)} has {hi - lo} images, fewer than shot + query = {shot} + {query} = {need}"
+                f"{_class_name(int(c), class_names)} has {hi - lo} images, "
+                f"fewer than shot + query = {shot} + {query} = {need}"
             )
         per_class[int(c)] = order[lo:hi]
     support = np.empty((n_tasks, way * shot), dtype=np.int64)
@@ -305,7 +309,8 @@ def sample_episodes(
         raise DataError(f"families must give one id per train_source class ({tr_k}), got shape {fam.shape}")
     perm = split_rng.permutation(tr_k) if fam is None else family_permutation(fam, split_rng)
     if test_source is not None and test_source is train_source:
-        raise DataError("sample_episodes: test_source is train_source; pass test_source=None to carve disjoint test classes")
+        raise DataError("sample_episodes: test_source is train_source; "
+                        "pass test_source=None to carve disjoint test classes")
     if test_source is None:
         if n_test_classes is None:
             raise DataError("sample_episodes: with test_source=None give n_test_classes (carved from train_source)")

@@ -1,4 +1,5 @@
-"""Generic class-folder datasets "in the form of Omniglot": root/class/*.png or root/group/class/*.png (or a .zip of that)."""
+"""Generic class-folder datasets "in the form of Omniglot": root/class/*.png or root/group/class/*.png (or a .zip of
+that)."""
 
 from __future__ import annotations
 

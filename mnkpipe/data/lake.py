@@ -31,8 +31,10 @@ def _parse_labels(text: str, run: str, where: str) -> list[tuple[str, int]]:
             raise DataError(f"{where}/{run}/class_labels.txt line {n} is malformed: {line!r}")
         out.append((m.group(2), int(m.group(5)) - 1))
     items = sorted(i for i, _ in out)
-    if items != [f"item{i:02d}.png" for i in range(1, RUN_WAY + 1)] or sorted(c for _, c in out) != list(range(RUN_WAY)):
-        raise DataError(f"{where}/{run}/class_labels.txt must map item01..item{RUN_WAY} one-to-one onto class01..class{RUN_WAY}")
+    if (items != [f"item{i:02d}.png" for i in range(1, RUN_WAY + 1)]
+            or sorted(c for _, c in out) != list(range(RUN_WAY))):
+        raise DataError(f"{where}/{run}/class_labels.txt must map item01..item{RUN_WAY} one-to-one "
+                        f"onto class01..class{RUN_WAY}")
     return out
 
 
@@ -42,7 +44,8 @@ def load_lake_runs(
     image_size: int | None = 28,
     cache_dir: str | os.PathLike | None | bool = None,
 ) -> tuple[ImageDataset, TaskSet]:
-    """Lake's 20 one-shot runs: 800 images (per run class01-20 then item01-20; 400 classes "runNN/classMM") and their TaskSet.
+    """Lake's 20 one-shot runs: 800 images (per run class01-20 then item01-20; 400 classes "runNN/classMM") and their
+    TaskSet.
 
     Task r: support = run r's training images (label MM - 1), query = its test items in class_labels.txt order,
     labelled with their matching training class. Source: root/all_runs.zip or extracted root/[all_runs/]runNN.

@@ -27,7 +27,8 @@ SPLITS = ("background", "evaluation", "background_small1", "background_small2")
 OMNIGLOT_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 
 # file name -> (path below the base URL, hashlib algorithm, digest of the OFFICIAL file). The digests check fresh
-# downloads only; files already on disk are never re-checked (the offline copy's two full zips are rebuilt, not byte-equal).
+# downloads only; files already on disk are never re-checked (the offline copy's two full zips are rebuilt, not
+# byte-equal).
 OMNIGLOT_FILES: dict[str, tuple[str, str, str]] = {
     "images_background.zip": ("images_background.zip", "md5", "68d2efa1b9178cc56df9314c21c6e718"),
     "images_evaluation.zip": ("images_evaluation.zip", "md5", "6b91aef0f799c5bb55b94e3f2daec811"),
@@ -73,7 +74,8 @@ def _split_name(split: str) -> str:
 
 
 def _split_tree(root: Path, split: str) -> tuple[str, Path, _io.Tree | None]:
-    """Locate a split: ('folder', root/images_<split>, tree) when extracted, else ('zip', root/images_<split>.zip, None)."""
+    """Locate a split: ('folder', root/images_<split>, tree) when extracted, else ('zip', root/images_<split>.zip,
+    None)."""
     top = _split_name(split)
     folder = root / top
     if folder.is_dir():
@@ -94,7 +96,8 @@ def _zip_tree(zf, top: str) -> _io.Tree:
     return tree if tree.files else _io.tree_from_zip(names)
 
 
-def _select_alphabets(entries: list[_io.ClassEntry], alphabets: Sequence[str] | None, where: str) -> list[_io.ClassEntry]:
+def _select_alphabets(entries: list[_io.ClassEntry], alphabets: Sequence[str] | None,
+                      where: str) -> list[_io.ClassEntry]:
     """Keep only the classes of the requested alphabets (DataError naming unknown ones)."""
     if alphabets is None:
         return entries
@@ -170,7 +173,8 @@ def omniglot_alphabets(root: str | os.PathLike | None, split: str) -> list[str]:
 
 
 def omniglot_info(root: str | os.PathLike | None) -> list[dict]:
-    """Per split present in root: {split, source, alphabets, characters, images}, counted from listings (no decoding)."""
+    """Per split present in root: {split, source, alphabets, characters, images}, counted from listings (no
+    decoding)."""
     root = resolve_data_root(root)
     out = []
     for split in SPLITS:
@@ -206,7 +210,8 @@ def dataset_info(root: str | os.PathLike | None) -> list[dict]:
                         "*.png, or the Omniglot zips: run `mnkpipe data download`)")
     for name, path in splits:
         entries = _io.index_tree(_io.tree_from_folder(path), str(path))
-        rows.append({"kind": "folder", "split": name, "source": str(path), "groups": len({e.group for e in entries if e.group}),
+        rows.append({"kind": "folder", "split": name, "source": str(path),
+                     "groups": len({e.group for e in entries if e.group}),
                      "classes": len(entries), "images": sum(len(e.files) for e in entries)})
     return rows
 
@@ -229,7 +234,8 @@ def download_omniglot(
     files: Sequence[str] | None = None,
     verify: bool = True,
 ) -> list[Path]:
-    """Download the Omniglot zips (all OMNIGLOT_FILES, or `files`) into root, skipping present ones; returns their paths.
+    """Download the Omniglot zips (all OMNIGLOT_FILES, or `files`) into root, skipping present ones; returns their
+    paths.
 
     pooch fetches each into a temporary file, checks the official checksum (default base_url, verify=True) and only
     then moves it into place. A network failure or a corrupt download raises DataError naming the URL and how to

@@ -83,7 +83,8 @@ def _v(s, t, ax, az, rx, rz, vc):
 def _row_pass(v, dst, do, ww, lanes, stride, cut_c):
     """dst[do + e] = (v[e + lanes] + v[e]) + v[e + 2 lanes], 0 <= e < stride: the row pass of the row held in
     v[lanes:lanes + stride] (its zero entry first, a zero entry after it), not across the cut between columns
-    cut_c - 1 and cut_c. Offsets are uint64: numba then indexes without negative-index tests, and the loop vectorises."""
+    cut_c - 1 and cut_c. Offsets are uint64: numba then indexes without negative-index tests, and the loop
+    vectorises."""
     l2 = lanes + lanes
     for e in range(stride):
         dst[do + e] = (v[lanes + e] + v[e]) + v[l2 + e]

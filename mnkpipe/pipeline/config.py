@@ -40,7 +40,8 @@ class TasksConfig:
     query: int = 19
     train_tasks: int = 8
     test_tasks: int = 20
-    val_tasks: int = 10                # validation tasks for the baselines, from training-split classes unused by train tasks
+    val_tasks: int = 10                # validation tasks for the baselines, from training-split classes unused by
+                                       # train tasks
     train_classes: int = 0             # 0: all classes of the training split
     val_classes: int = 50
     seed: int = 0

@@ -18,8 +18,8 @@ from ..store import (StoreError, StoreLock, TiledArray, create_store, describe_d
 from .config import ExperimentConfig, load_config
 from .experiment import build_experiment, experiment_plan, store_plan
 from .inspect import verify_store
-from .ray_session import (HeldSignals, NodeLost, RayFailure, check_requested_counts, check_private_node, check_resources,
-                          explain, start_ray, stop_ray)
+from .ray_session import (HeldSignals, NodeLost, RayFailure, check_requested_counts, check_private_node,
+                          check_resources, explain, start_ray, stop_ray)
 
 RESTARTS = 3  # restarts of Ray in a row, without a tile finished in between, before the driver gives up
 

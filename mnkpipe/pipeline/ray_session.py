@@ -131,7 +131,8 @@ def check_resources(address: str | None, cpus: int | None, gpus: int) -> None:
     if gpus < 0:
         raise ValueError(f"--gpus must be 0 or more (got {gpus})")
     if not address:
-        check_requested_counts("this machine", {"CPU": local_cpus(), "GPU": local_gpus() if gpus else 0}, cpus=cpus, gpus=gpus)
+        check_requested_counts("this machine", {"CPU": local_cpus(), "GPU": local_gpus() if gpus else 0},
+                               cpus=cpus, gpus=gpus)
         return
     import ray
     started = start_ray(address)

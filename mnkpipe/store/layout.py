@@ -27,7 +27,8 @@ class Store:
                              "(mode 'w' or 'a' could empty or change a finished store)")
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
-            raise StoreError(f"no mnkpipe store at {self.path} (no zarr.json); create one with `mnkpipe compute-kernel`")
+            raise StoreError(f"no mnkpipe store at {self.path} (no zarr.json); "
+                             "create one with `mnkpipe compute-kernel`")
         self.root = zarr.open_group(str(self.path), mode=mode)
         self.manifest = dict(self.root.attrs.get("manifest", {}))
         if not self.manifest and (self.path / CREATION_MARKER).exists():

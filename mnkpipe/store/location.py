@@ -36,7 +36,8 @@ class Location:
     def sibling(self, suffix: str) -> "Location":
         """The location whose name is this one's plus suffix (the results folder `<store>-results`, the lock)."""
         if self.is_s3:
-            return Location(f"s3://{self.bucket}/{self.prefix}{suffix}", bucket=self.bucket, prefix=self.prefix + suffix)
+            return Location(f"s3://{self.bucket}/{self.prefix}{suffix}", bucket=self.bucket,
+                            prefix=self.prefix + suffix)
         return Location(str(self.path) + suffix, path=self.path.with_name(self.path.name + suffix))
 
 

@@ -18,7 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CREDENTIALS = {"admin": ("mnkpipe-admin", "mnkpipe-admin-secret"), "reader": ("mnkpipe-reader", "mnkpipe-reader-secret")}
+CREDENTIALS = {"admin": ("mnkpipe-admin", "mnkpipe-admin-secret"),
+               "reader": ("mnkpipe-reader", "mnkpipe-reader-secret")}
 ACTIONS = {"admin": ["Admin", "Read", "Write", "List", "Tagging"], "reader": ["Read", "List"]}
 START_S = 90.0
 
