@@ -17,8 +17,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# pytest exits 5 when it collected no test: that must fail, not pass silently.
+# ruff first (120 columns, pyproject.toml); pytest exits 5 when it collected no test: that must fail, not pass.
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
