@@ -113,11 +113,3 @@ def create_whole(results: Path, path: Path, build) -> None:
         tmp.parent.rmdir()  # only when empty: another run may be building something else there
     except OSError:
         pass
-
-
-def write_json_whole(path: Path, doc: dict) -> None:
-    """A JSON document written to a temporary file beside path and renamed over it: whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    os.replace(tmp, path)

@@ -2,16 +2,17 @@
 extractor trained on the images of the training tasks only; their regression targets and how predictions are
 decoded."""
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from ..data import TaskSet
+from ..files import atomic_write_text
 from ..kernels import mnk
 from ..keys import settings_key
 from ..pipeline.config import read_table, section
-from .derived import write_json_whole
 
 LABEL_MODES = ("onehot", "embedding")
 
@@ -49,7 +50,7 @@ def extractor_dir(results: Path, key: dict) -> Path:
 def write_extractor_key(path: Path, key: dict) -> None:
     """The folder, with key.json saying which extractor it holds (one document, written whole)."""
     path.mkdir(parents=True, exist_ok=True)
-    write_json_whole(path / "key.json", key)
+    atomic_write_text(path / "key.json", json.dumps(key, indent=1, sort_keys=True))
 
 
 def pool_embeddings(images: np.ndarray, train: TaskSet, settings, *, seed: int, checkpoint_dir: Path,

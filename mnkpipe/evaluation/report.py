@@ -2,11 +2,12 @@
 the number of training tasks or characters."""
 
 import csv
-import fcntl
 import json
 from pathlib import Path
 
-from ..files import read_json
+from filelock import FileLock
+
+from ..files import atomic_write_text, read_json
 from .derived import check_results_dir, claim_results_dir
 from .results import merged, method_label
 
@@ -20,12 +21,9 @@ def write_results(results: dict, out: Path) -> Path:
     only into a folder mnkpipe made (or a new or empty one, which it marks), never inside the store."""
     out = claim_results_dir(out, results.get("store"))
     path = out / "results.json"
-    with open(out / "results.json.lock", "w") as lock:  # evaluate and baselines may finish at the same moment
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(out / "results.json.lock"):  # evaluate and baselines may finish at the same moment
         results = merged(path, results)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(results, indent=1))
         render(out)
     return path
 
