@@ -1,7 +1,6 @@
 """The mnkpipe command line: thin click wrappers around the Python API."""
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -32,18 +31,18 @@ def _api(call):
 
 
 class _StoreFolder(click.Path):
-    """--store: `~` expanded, then click's path checks, then store.store_folder's refusal of system folders."""
+    """--store: store.store_folder (`~` expanded; URLs and system folders refused), then click's path checks."""
 
     def __init__(self, exists: bool = False):
         super().__init__(exists=exists, file_okay=False)
 
     def convert(self, value, param, ctx):
         from .store.paths import store_folder
-        value = super().convert(os.path.expanduser(value), param, ctx)
         try:
-            return str(store_folder(value))
-        except RuntimeError as e:  # StoreError
+            folder = str(store_folder(value))
+        except RuntimeError as e:  # StoreError: a URL, a system folder
             self.fail(str(e), param, ctx)
+        return super().convert(folder, param, ctx)
 
 
 def _stop(message: str, code: int):

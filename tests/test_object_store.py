@@ -142,3 +142,24 @@ def test_probe_refuses_a_server_that_ignores_conditional_writes(monkeypatch):
             probe_conditional_writes(parse_location("s3://plain/runs/x.zarr"))
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/runs/x.zarr", "gs://bucket/x.zarr"])
+@pytest.mark.parametrize("command", [["compute-kernel", "--config", "configs/smoke.toml", "--store"], ["status"],
+                                     ["verify"], ["evaluate", "--store"], ["report", "--store"]])
+def test_a_url_store_is_never_a_local_folder(tmp_path, command, url):
+    """Until the Zarr layout lives on object storage, every command refuses a URL --store by name (before, s3://...
+    made a local folder named `s3:`), writing nothing."""
+    from click.testing import CliRunner
+
+    from mnkpipe.cli import main
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [a if a != "configs/smoke.toml" else os.path.join(repo, a) for a in command]
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        r = CliRunner().invoke(main, [*cmd, url])
+    finally:
+        os.chdir(here)
+    assert r.exit_code != 0 and url in r.output and "Traceback" not in r.output, r.output
+    assert os.listdir(tmp_path) == []

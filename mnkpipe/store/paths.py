@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+from .location import parse_location
 from .tiled import StoreError
 
 
@@ -14,8 +15,13 @@ def _protected() -> set[Path]:
 
 
 def store_folder(text) -> Path:
-    """The absolute local folder of `--store TEXT` (`~` and `~user` expanded); StoreError naming --store for the root,
+    """The absolute local folder of `--store TEXT` (`~` and `~user` expanded); StoreError naming --store for a URL
+    (never a local folder named `s3:`), the root,
     a folder directly under it (/usr, /etc, /bin, /tmp...) or the home folder and its parents."""
+    if parse_location(text).is_s3:  # any other URL scheme is refused by parse_location itself
+        raise StoreError(f"--store {text}: stores on object storage are not usable by the commands yet (the S3 "
+                         "location, lock and conditional-write probe exist, the Zarr layout on S3 does not): give a "
+                         "local folder on a filesystem every node sees (docs/cluster.md)")
     path = Path(os.path.abspath(os.path.expanduser(str(text))))
     protected = _protected()
     if any(p in protected or p.parent == Path("/") for p in (path, path.resolve())):  # /bin links to /usr/bin
