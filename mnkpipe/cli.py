@@ -1,6 +1,7 @@
 """The mnkpipe command line: thin click wrappers around the Python API."""
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -46,6 +47,9 @@ class _StoreFolder(click.Path):
 
 
 def _stop(message: str, code: int):
+    """The one line of a stop. Ray's event loop, cut off mid-start, would log "Task was destroyed but it is pending!"
+    for each of its tasks as the interpreter exits: that is teardown, not news, so asyncio's log is closed first."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
     click.echo(f"\n{message}: {INTERRUPTED}.", err=True)
     raise click.exceptions.Exit(code)
 
