@@ -105,29 +105,7 @@ def test_a_lock_from_another_host_needs_break_lock(tmp_path):
 
 # Racers on "different hosts": each in its own UTS namespace (its own kernel host name) and PID namespace (its pid
 # is 1 or 2, the same in all of them), so no host-local fact tells them apart; they share only the file system.
-RACER = """
-import os, sys, time
-from mnkpipe.store import StoreLock, StoreLockedError
-unlink = os.unlink
-def slow_unlink(path, *a, **kw):  # a slow file system: widens the window between reading the lock and replacing it
-    if str(path).endswith(".lock"):
-        time.sleep(0.3)
-    return unlink(path, *a, **kw)
-os.unlink = slow_unlink
-print("READY", flush=True)
-while not os.path.exists(sys.argv[2]):  # start together (within a few ms) once every racer is ready
-    time.sleep(0.002)
-try:
-    lock = StoreLock(sys.argv[1], command="racer", break_lock=True)
-    lock.acquire()
-except StoreLockedError:
-    print("LOCKED", flush=True)
-else:
-    print("WON", os.uname().nodename, os.getpid(), flush=True)
-    while not os.path.exists(sys.argv[3]):  # hold the lock until every racer has tried
-        time.sleep(0.05)
-    lock.release()
-"""
+RACER = str(REPO / "tests" / "support" / "lock_racer.py")
 
 
 def namespaces_work() -> bool:
@@ -145,8 +123,9 @@ def test_racers_on_different_hosts_breaking_one_stale_lock_end_with_one_owner(tm
     go, release = tmp_path / "go", tmp_path / "release"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen(["unshare", "--uts", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                               f'hostname racer{i} && exec "$0" -c "$1" "$2" "$3" "$4"', sys.executable, RACER,
-                               str(store), str(go), str(release)], env=env, stdout=subprocess.PIPE, text=True)
+                               f'hostname racer{i} && exec "$0" "$1" "$2" "$3" "$4" "$5"', sys.executable, RACER,
+                               str(store), str(go), str(release), "--break-lock"],
+                              env=env, stdout=subprocess.PIPE, text=True)
              for i in range(4)]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["READY"] * 4
