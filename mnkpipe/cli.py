@@ -240,6 +240,19 @@ def _finite_non_negative(ctx, param, value):
     return value
 
 
+def _ridge_list(ctx, param, text):
+    """A comma-separated list of finite ridges > 0 ("1e-6,1e-4,1e-2"), or () when the option is not given."""
+    if text is None:
+        return ()
+    try:
+        values = [float(c) for c in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise click.BadParameter(f"every ridge must be finite and > 0; got {text}")
+    return tuple(values)
+
+
 def _name_list(ctx, param, text):
     return [c.strip() for c in text.split(",") if c.strip()]
 
@@ -269,6 +282,9 @@ def _show_results(store, out):
               help="TOML whose [embedding] table sets the feature extractor [default: reference values].")
 @click.option("--ridge", default=1e-5, show_default=True, type=float, callback=_finite_non_negative,
               help="Ridge on base and meta kernels.")
+@click.option("--ridge-grid", callback=_ridge_list,
+              help="Comma-separated ridges: also choose the ridge of mnk, meta_term and r_t per count and seed on "
+                   "the store's validation tasks (rows <method>-valridge; docs/math.md sec. 2.6).")
 @click.option("--eta", default="inf", show_default=True, type=float,
               help="Inner-loop time (lr x steps); inf = converged.")
 @click.option("--t-outer", default="inf", show_default=True, type=float, help="Outer-loop time; inf = converged.")
@@ -281,8 +297,8 @@ def _show_results(store, out):
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for the meta-kernel tiles.")
 @click.option("--address", help="Ray cluster for the meta-kernel tiles.")
 @click.option("--no-progress", is_flag=True)
-def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, config, ridge, eta, t_outer, no_normalise,
-                 conventions, phi_tile_size, cpus, address, no_progress):
+def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, config, ridge, ridge_grid, eta, t_outer,
+                 no_normalise, conventions, phi_tile_size, cpus, address, no_progress):
     """Meta-test accuracy vs number of training tasks: MNK and its ablations (meta term alone, r_t, embedding
     1-NN, pixel 1-NN), in one or both label modes, with and without task augmentation.
 
@@ -293,8 +309,8 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
     from .evaluation.evaluate import EvaluateSettings, evaluate
     _api(lambda: evaluate(store, EvaluateSettings(
         train_counts=train_tasks, seeds=seeds, out=out, methods=methods, labels=labels, augment=augment, config=config,
-        ridge=ridge, eta=eta, t_outer=t_outer, normalise=not no_normalise, conventions=conventions,
-        phi_tile_size=phi_tile_size, cpus=cpus, address=address, progress=not no_progress)))
+        ridge=ridge, ridge_grid=ridge_grid, eta=eta, t_outer=t_outer, normalise=not no_normalise,
+        conventions=conventions, phi_tile_size=phi_tile_size, cpus=cpus, address=address, progress=not no_progress)))
     _show_results(store, out)
 
 
