@@ -284,7 +284,7 @@ def _show_results(store, out):
               help="Ridge on base and meta kernels.")
 @click.option("--ridge-grid", callback=_ridge_list,
               help="Comma-separated ridges: also choose the ridge of mnk, meta_term and r_t per count and seed on "
-                   "the store's validation tasks (rows <method>-valridge; docs/math.md sec. 2.6).")
+                   "the store's validation tasks (rows <method>-valridge; docs/math.md sec. 2.5).")
 @click.option("--eta", default="inf", show_default=True, type=float,
               help="Inner-loop time (lr x steps); inf = converged.")
 @click.option("--t-outer", default="inf", show_default=True, type=float, help="Outer-loop time; inf = converged.")

@@ -1,7 +1,7 @@
 """Meta-test evaluation on a computed (read-only) Gram store: MNK and its ablations in both label modes, with and
 without task augmentation, for nested subsets of the training tasks and several seeds."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +15,16 @@ from .augment import augment_tasks
 from .derived import check_results_dir, claim_results_dir, held, store_gram_key
 from .labels import (LABEL_MODES, decode, embedding_settings, embedding_targets, extractor_dir, extractor_key,
                      pool_embeddings, write_extractor_key)
-from .phi import (ARRAY, INF, PhiSource, kernel_reader, phi_attrs, phi_path, phi_settings, prepare_phi, read_phi,
-                  task_ops_list)
+from .phi import (ARRAY, INF, CachedGram, PhiSource, normalised, phi_attrs, phi_path, phi_settings, prepare_phi,
+                  read_phi, task_ops_list)
 from .protocol import check_train_counts, default_counts, subset_size, train_subsets
 from .report import write_results
 from .results import merged, method_key, method_record, results_dir, results_header
+from .validation import WithValidation, validation_kernel
 
 KERNEL_METHODS = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn")
 CONVENTION_METHODS = ("mnk", "meta_term", "r_t")  # the methods conventions="authors" changes, keyed mnk-authors, ...
+RIDGE_METHODS = CONVENTION_METHODS  # the methods the ridge changes: with a ridge grid, also keyed mnk-valridge, ...
 
 
 def pixel_1nn(images: np.ndarray, support, support_labels, query) -> np.ndarray:
@@ -40,7 +42,7 @@ def check_complete(store) -> None:
                          f"--store {store.path} (the same command that started it resumes it)")
 
 
-def check_options(methods, labels, augment, seeds, ridge, eta, t_outer) -> None:
+def check_options(methods, labels, augment, seeds, ridge, eta, t_outer, ridge_grid=()) -> None:
     """Every option a user gives, checked before anything is read or written; the message names the option."""
     if set(methods) - set(KERNEL_METHODS):
         raise ValueError(f"--methods: unknown method(s) {sorted(set(methods) - set(KERNEL_METHODS))}; choose from "
@@ -51,8 +53,10 @@ def check_options(methods, labels, augment, seeds, ridge, eta, t_outer) -> None:
         raise ValueError(f"--augment must be integers >= 1 (1 = the tasks as sampled); got {list(augment)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1; got {seeds!r}")
-    if not ridge >= 0:
-        raise ValueError(f"--ridge must be >= 0; got {ridge}")
+    if not 0 <= ridge < INF:
+        raise ValueError(f"--ridge must be finite and >= 0; got {ridge}")
+    if not all(0 < r < INF for r in ridge_grid):
+        raise ValueError(f"--ridge-grid must be finite ridges > 0; got {list(ridge_grid)}")
     for name, v in (("--eta", eta), ("--t-outer", t_outer)):
         if not v > 0:
             raise ValueError(f"{name} must be > 0 (inf = converged); got {v}")
@@ -69,6 +73,7 @@ class EvaluateSettings:
     labels: tuple[str, ...] = ("onehot",)
     augment: tuple[int, ...] = (1,)  # task augmentation K, sorted and distinct
     ridge: float = 1e-5
+    ridge_grid: tuple[float, ...] = ()  # ridges to choose from on the validation tasks, per count and seed
     eta: float = INF
     t_outer: float = INF
     normalise: bool = True
@@ -82,7 +87,10 @@ class EvaluateSettings:
 
     def __post_init__(self):
         augment = tuple(sorted(set(int(k) for k in self.augment)))
-        check_options(list(self.methods), list(self.labels), augment, self.seeds, self.ridge, self.eta, self.t_outer)
+        grid = tuple(sorted(set(float(r) for r in self.ridge_grid)))
+        check_options(list(self.methods), list(self.labels), augment, self.seeds, self.ridge, self.eta, self.t_outer,
+                      grid)
+        object.__setattr__(self, "ridge_grid", grid)
         if self.conventions not in mnk.CONVENTIONS or (self.conventions == "authors" and not self.normalise):
             raise ValueError(f"--conventions must be one of {', '.join(mnk.CONVENTIONS)} (authors with the cosine "
                              f"normalisations, not --no-normalise); got {self.conventions}")
@@ -113,6 +121,10 @@ def evaluate(store_path, settings: EvaluateSettings | None = None, **options) ->
     """Accuracy on every test task of each method, label mode and augmentation K, per count of training tasks and
     seed; results.json (merged with what the same store's results folder holds) and its rendering in `out`.
 
+    With a ridge grid, the ridge-dependent methods also run at every grid ridge, scored on the validation tasks as
+    well, and their records <method>-valridge/... hold, per count and seed, the test accuracy at the ridge with the
+    best mean validation accuracy (docs/math.md sec. 2.5).
+
     settings, or the keyword options of EvaluateSettings (evaluate(store, seeds=2, ...)).
     """
     if settings is None:
@@ -122,13 +134,64 @@ def evaluate(store_path, settings: EvaluateSettings | None = None, **options) ->
     store = open_store(store_path)  # read-only: evaluate writes nothing into the store
     ep = store.episodes()
     check_complete(store)
+    if settings.ridge_grid and (ep.val is None or ep.val.n_tasks == 0):
+        raise ValueError(f"--ridge-grid: {store.path} has no validation tasks ([tasks] val_tasks = 0) to choose on")
     counts = check_train_counts(settings.train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
     out, results = results_folder(store, settings.out)
-    run = _Run(store, out, settings, counts)
-    run.curve()
-    results["methods"].update(run.records())
+    if not settings.ridge_grid:
+        run = _Run(store, out, settings, counts)
+        run.curve()
+        results["methods"].update(run.records())
+    else:
+        vk = validation_kernel(out, store, settings.progress)
+        runs = {}
+        for r in sorted(set(settings.ridge_grid) | {settings.ridge}):
+            runs[r] = _Run(store, out, replace(settings, ridge=r), counts, validation=vk)
+            runs[r].curve()
+        results["methods"].update(runs[settings.ridge].records())
+        results["methods"].update(validation_chosen(runs, settings, counts))
     write_results(results, out)
     return results
+
+
+def choose_ridge(val_acc: dict, test_acc: dict) -> tuple[np.ndarray, np.ndarray]:
+    """For each seed s: r*(s) = the ridge r with the highest val_acc[r][s] (the smallest on ties), and the test
+    accuracies test_acc[r*(s)][s]; val_acc[r]: (seeds,), test_acc[r]: (seeds, test tasks)."""
+    grid = sorted(val_acc)
+    best = np.argmax(np.stack([val_acc[r] for r in grid]), axis=0)
+    chosen = np.array([grid[b] for b in best])
+    return chosen, np.stack([test_acc[r][s] for s, r in enumerate(chosen)])
+
+
+def validation_chosen(runs: dict, settings: EvaluateSettings, counts: list[int]) -> dict:
+    """{<method>-valridge/...: record} of every ridge-dependent key: per count and seed, the test accuracies at the
+    ridge chosen on the validation tasks, with the grid, the chosen ridges and their validation accuracies."""
+    any_run = next(iter(runs.values()))
+    out = {}
+    for key in any_run.keys:
+        method, *_ = key.split("/")
+        if method not in RIDGE_METHODS:
+            continue
+        per, chosen, val = {}, {}, {}
+        for n in counts:
+            val_n = {r: run.per_val[key][n].mean(1) for r, run in runs.items()}
+            ridges, per[n] = choose_ridge(val_n, {r: run.per[key][n] for r, run in runs.items()})
+            chosen[str(n)] = ridges.tolist()
+            val[str(n)] = [float(val_n[r][s]) for s, r in enumerate(ridges)]
+        hyper = dict(any_run.hyperparameters(key), ridge="chosen on validation", ridge_grid=sorted(runs),
+                     ridge_chosen=chosen, validation_accuracy=val, n_validation_tasks=int(any_run.val.n_tasks))
+        note = (f"ridge (base kernel and meta kernel) chosen per count and seed (docs/math.md eq. (22)) from "
+                f"{sorted(runs)} by the mean accuracy on {any_run.val.n_tasks} validation tasks (training-split "
+                "classes no training task uses)")
+        out[variant_name(key, settings.conventions, "valridge")] = method_record(counts, per, any_run.sizes, hyper,
+                                                                                note=note)
+    return out
+
+
+def variant_name(key: str, *tags: str) -> str:
+    """results.json name of a key's variant: mnk/onehot/K1 with tags authors, valridge -> mnk-authors-valridge/..."""
+    method, sep, rest = key.partition("/")
+    return "-".join([method, *(t for t in tags if t and t != "formulas")]) + sep + rest
 
 
 def results_folder(store, out) -> tuple[Path, dict]:
@@ -142,29 +205,42 @@ def results_folder(store, out) -> tuple[Path, dict]:
 
 
 class _Run:
-    """One evaluate call: the base-kernel reader, the test tasks' TaskOps, and the accuracy arrays it fills."""
+    """One evaluate pass at one ridge: the base-kernel reader, the test (and, when given the validation kernel, the
+    validation) tasks' TaskOps, and the accuracy arrays it fills."""
 
-    def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int]):
+    def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int], validation: dict | None = None):
         self.store, self.out, self.s, self.counts = store, out, settings, counts
         self.emb_settings = embedding_settings(settings.config) if "embedding" in settings.labels else None
         self.phi_settings = phi_settings(settings.ridge, settings.eta, settings.normalise, settings.conventions)
-        self.kb, _ = kernel_reader(store, self.phi_settings, settings.max_bytes)
         self.ep = store.episodes()
+        self.images = store.images()
+        raw = CachedGram(store, settings.max_bytes)
+        self.val = None
+        if validation is not None:  # validation images follow the pool: index n + v
+            raw = WithValidation(raw, store.n, validation)
+            val_images = store.array("val_images")[...]
+            self.val = self.ep.val.remap(np.arange(len(val_images)) + store.n)
+            self.images = np.concatenate([self.images, val_images])
+        self.kb = normalised(raw, self.phi_settings)
         self.test = self.ep.test
         self.test_ops = task_ops_list(self.kb, self.test, self.phi_settings)
-        self.images = store.images()
+        self.val_ops = task_ops_list(self.kb, self.val, self.phi_settings) if self.val is not None else None
         self.keys = result_keys(settings)
         self.per = {key: {n: np.zeros((settings.seeds, self.test.n_tasks)) for n in counts} for key in self.keys}
+        self.per_val = ({key: {n: np.zeros((settings.seeds, self.val.n_tasks)) for n in counts} for key in self.keys}
+                        if self.val is not None else None)
         self.sizes = {n: [] for n in counts}
         self.pixel_acc = [np.mean(pixel_1nn(self.images, self.test.support[i], self.test.support_labels[i],
                                             self.test.query[i]) == self.test.query_labels[i])
                           for i in range(self.test.n_tasks)]
         self.full_phi = None
 
-    def score(self, key: str, n: int, seed: int, predict) -> None:
-        """Accuracy of predict(i) (labels of test task i's queries) on every test task, at count n and seed."""
-        test = self.test
-        self.per[key][n][seed] = [np.mean(predict(i) == test.query_labels[i]) for i in range(test.n_tasks)]
+    def task_sets(self) -> dict:
+        """{"test": (TaskSet, TaskOps, accuracy arrays), and "val": the same for the validation tasks when scored}."""
+        sets = {"test": (self.test, self.test_ops, self.per)}
+        if self.val is not None:
+            sets["val"] = (self.val, self.val_ops, self.per_val)
+        return sets
 
     def curve(self) -> None:
         """Every count of training tasks and seed, under one Ray instance for all Phi arrays (when any is needed)."""
@@ -173,7 +249,8 @@ class _Run:
         try:
             if s.meta_methods and 1 in s.augment:
                 self.full_phi = self.phi_train(self.ep.train, phi_attrs(self.store, self.phi_settings, 1))
-            bar = tqdm(total=s.seeds * len(self.counts), desc="evaluate (count, seed)", disable=not s.progress)
+            bar = tqdm(total=s.seeds * len(self.counts), desc=f"evaluate (count, seed), ridge {s.ridge:g}",
+                       disable=not s.progress)
             for seed in range(s.seeds):
                 for n, subset in train_subsets(self.ep.train.n_tasks, self.counts, seed).items():
                     self.subset(n, seed, subset)
@@ -184,33 +261,37 @@ class _Run:
                 stop_ray()
 
     def subset(self, n: int, seed: int, subset: np.ndarray) -> None:
-        """Every method on the training subset drawn for count n and seed."""
+        """Every method on the training subset drawn for count n and seed, scored on each task set."""
         s, test, train = self.s, self.test, self.ep.train.subset(subset)
         self.sizes[n].append(subset_size(self.ep.train, subset))
         if "pixel_1nn" in self.keys:  # the same at every count and seed
             self.per["pixel_1nn"][n][seed] = self.pixel_acc
         emb = self.embeddings(train, subset, seed) if "embedding" in s.labels else None
-        tests = {"onehot": self.test_ops} if "onehot" in s.labels else {}
-        if emb is not None:
-            tests["embedding"] = [embedding_targets(t, sl, ql, emb, test=True) for t, sl, ql in
-                                  zip(self.test_ops, test.support_labels, test.query_labels)]
-            if "embedding_1nn" in self.keys:
-                self.score("embedding_1nn", n, seed, lambda i: mnk.nearest_support(
-                    emb[test.query[i]], emb[test.support[i]], test.support_labels[i]))
-        for lab in s.labels:
-            if "r_t" in s.methods:
-                self.score(method_key("r_t", lab), n, seed,
-                           lambda i: decode(tests[lab][i].r_q, tests[lab][i], test.support_labels[i], lab))
+        if "embedding_1nn" in self.keys:
+            self.per["embedding_1nn"][n][seed] = [np.mean(mnk.nearest_support(
+                emb[test.query[i]], emb[test.support[i]], test.support_labels[i]) == test.query_labels[i])
+                for i in range(test.n_tasks)]
+        targets = {}  # {set: {label mode: TaskOps of its tasks with that mode's targets}}
+        for name, (tasks, ops, per) in self.task_sets().items():
+            targets[name] = {lab: ops if lab == "onehot" else
+                             [embedding_targets(t, sl, ql, emb, test=True) for t, sl, ql in
+                              zip(ops, tasks.support_labels, tasks.query_labels)] for lab in s.labels}
+            for lab in s.labels if "r_t" in s.methods else []:
+                t = targets[name][lab]
+                per[method_key("r_t", lab)][n][seed] = query_accuracies(
+                    tasks, lambda i: decode(t[i].r_q, t[i], tasks.support_labels[i], lab))
         for k in s.augment if s.meta_methods else []:
-            tasks, phi = self.augmented(train, subset, seed, k)
-            preds = meta_predictions(self.kb, tasks, phi, tests, test.support_labels, emb, self.phi_settings,
-                                     t_outer=s.t_outer)
-            for (method, lab), pred in preds.items():
-                if method in s.methods:
-                    self.score(method_key(method, lab, k), n, seed, pred.__getitem__)
+            train_k, phi = self.augmented(train, subset, seed, k)
+            ops, fits = meta_fits(self.kb, train_k, phi, s.labels, emb, self.phi_settings, t_outer=s.t_outer)
+            for name, (tasks, _, per) in self.task_sets().items():
+                preds = meta_predictions(self.kb, ops, fits, targets[name], tasks.support_labels)
+                for (method, lab), pred in preds.items():
+                    if method in s.methods:
+                        per[method_key(method, lab, k)][n][seed] = query_accuracies(tasks, pred.__getitem__)
 
     def embeddings(self, train, subset, seed: int) -> np.ndarray:
-        """The pool's embeddings by the extractor of this training subset and seed (trained once, then reused)."""
+        """Embeddings of the pool (and validation images, when scored) by the extractor of this training subset and
+        seed (trained once, then reused)."""
         key = extractor_key(store_gram_key(self.store), subset, seed, self.emb_settings)
         ckpt = extractor_dir(self.out, key)
         with held(self.out, ckpt):  # one run trains it, a second one on the same folder waits and reuses it
@@ -239,38 +320,49 @@ class _Run:
                       cpus=s.cpus, address=s.address, progress=s.progress)
         return read_phi(path)
 
+    def hyperparameters(self, key: str) -> dict:
+        """The settings a key's record ran with."""
+        method, *rest = key.split("/")
+        h = {} if method == "pixel_1nn" else dict(self.phi_settings, t_outer=str(float(self.s.t_outer)),
+                                                  normalise_phi=self.s.normalise)
+        if rest:
+            h["labels"] = rest[0]
+        if len(rest) > 1:
+            h["augment"] = int(rest[1][1:])
+        if "embedding" in key and self.emb_settings is not None:
+            h["embedding"] = asdict(self.emb_settings)
+        return h
+
     def records(self) -> dict:
         """{results.json name: method record} of every key, with the hyperparameters it ran with."""
-        s = self.s
-        hyper = dict(self.phi_settings, t_outer=str(float(s.t_outer)), normalise_phi=s.normalise)
-        out = {}
-        for key in self.keys:
-            method, *rest = key.split("/")
-            h = {} if method == "pixel_1nn" else dict(hyper)
-            if rest:
-                h["labels"] = rest[0]
-            if len(rest) > 1:
-                h["augment"] = int(rest[1][1:])
-            if "embedding" in key and self.emb_settings is not None:
-                h["embedding"] = asdict(self.emb_settings)
-            name = key if s.conventions == "formulas" else f"{method}-{s.conventions}{key[len(method):]}"
-            out[name] = method_record(self.counts, self.per[key], self.sizes, h)
-        return out
+        return {variant_name(key, self.s.conventions): method_record(self.counts, self.per[key], self.sizes,
+                                                                     self.hyperparameters(key))
+                for key in self.keys}
 
 
-def meta_predictions(kb, tasks, phi, tests: dict, support_labels, emb, settings: dict, *, t_outer: float) -> dict:
-    """{(method, label mode): predicted labels of each test task} for MNK F = r_t + Phi(X_t, X_train) alpha and its
-    meta term alone Phi(X_t, X_train) alpha, alpha fitted on the training tasks' targets of each label mode
-    (tests: the test TaskOps of each label mode, support_labels: the test tasks' support labels, emb: the pool's
-    embeddings or None). Phi(X_t, X_train) is computed once per test task, for every label mode, and not kept."""
+def query_accuracies(tasks, predict) -> list[float]:
+    """[mean(predict(i) == query labels of task i)] over the tasks of a TaskSet."""
+    return [float(np.mean(predict(i) == tasks.query_labels[i])) for i in range(tasks.n_tasks)]
+
+
+def meta_fits(kb, tasks, phi, labels, emb, settings: dict, *, t_outer: float) -> tuple[list, dict]:
+    """(TaskOps of the training tasks, {label mode: MNKFit}): alpha fitted on the training tasks' targets of each
+    label mode (emb: the pool's embeddings, or None for one-hot labels only)."""
     ops = task_ops_list(kb, tasks, settings)
     fits = {}
-    for lab in tests:
+    for lab in labels:
         train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb, test=False) for o, sl, ql in
                                                  zip(ops, tasks.support_labels, tasks.query_labels)]
         fits[lab] = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
                                 normalise_phi=settings["normalise_k"],
                                 conventions=settings.get("conventions", "formulas"))
+    return ops, fits
+
+
+def meta_predictions(kb, ops, fits: dict, tests: dict, support_labels) -> dict:
+    """{(method, label mode): predicted labels of each task} for MNK F = r_t + Phi(X_t, X_train) alpha and its
+    meta term alone Phi(X_t, X_train) alpha (ops, fits: from meta_fits; tests: each label mode's TaskOps of the
+    tasks to predict). Phi(X_t, X_train) is computed once per task, for every label mode, and not kept."""
     out = {(m, lab): [] for m in ("mnk", "meta_term") for lab in tests}
     any_fit = next(iter(fits.values()))  # Phi(X_t, X_train) and its normalisation do not depend on the labels
     for i, t in enumerate(next(iter(tests.values()))):

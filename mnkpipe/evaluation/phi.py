@@ -69,9 +69,14 @@ class CachedGram:
 def kernel_reader(store, settings: dict, max_bytes: float = 1e9):
     """The (cosine-normalised when settings say so) base-kernel reader of a store, and its raw CachedGram."""
     gram = CachedGram(store, max_bytes)
+    return normalised(gram, settings), gram
+
+
+def normalised(raw, settings: dict):
+    """The base-kernel reader the settings ask for over a raw reader with .diag: n(K), n(K + ridge I) or K."""
     if settings.get("conventions") == "authors":  # n(K + ridge I), docs/conventions.md
-        return mnk.ridged_cosine_normalised(gram, gram.diag, settings["ridge"]), gram
-    return (mnk.cosine_normalised(gram, gram.diag) if settings["normalise_k"] else gram), gram
+        return mnk.ridged_cosine_normalised(raw, raw.diag, settings["ridge"])
+    return mnk.cosine_normalised(raw, raw.diag) if settings["normalise_k"] else raw
 
 
 def task_ops_list(kb, tasks: TaskSet, settings: dict) -> list:
