@@ -292,7 +292,7 @@ def test_baselines_join_results_and_report_renders_all_methods(smoke_store, tmp_
         assert label in res.output
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["methods"]) == {"mnk/onehot/K1", "meta_term/onehot/K1", "r_t/onehot", "pixel_1nn", "maml",
-                                     "imaml"}
+                                     "imaml", "maml-test-selected", "imaml-test-selected"}
 
 
 def test_lake_runs_protocol_end_to_end(tmp_path, omniglot_root, monkeypatch_module, ray_instance):

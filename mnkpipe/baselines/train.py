@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,11 +127,12 @@ def _meta_step(method, model, params, buffers, batch, s: BaselineSettings) -> fl
     return None
 
 
-def shorter_run(ckpt: Path, st: dict, steps: int) -> list:
-    """The validation curve of the first `steps` meta-steps of the longer run in checkpoint st, whose selection
-    (argmax of that curve) is then the checkpoint's best: ValueError naming the checkpoint when the run was not
-    validated at step `steps`, or when its best step lies beyond (earlier parameters are not kept)."""
+def shorter_run(ckpt: Path, st: dict, steps: int) -> tuple[list, list]:
+    """The validation and test curves of the first `steps` meta-steps of the longer run in checkpoint st, whose
+    selection (argmax of the validation curve) is then the checkpoint's best: ValueError naming the checkpoint when the
+    run was not validated at step `steps`, or when its best step lies beyond (earlier parameters are not kept)."""
     curve = [(k, a) for k, a in st["curve"] if k <= steps]
+    test_curve = [(k, a) for k, a in st["test_curve"] if k <= steps]
     why = None
     if steps not in {k for k, _ in st["curve"]}:
         why = f"it was not validated at step {steps} (validated at {', '.join(str(k) for k, _ in st['curve'])})"
@@ -141,13 +143,28 @@ def shorter_run(ckpt: Path, st: dict, steps: int) -> list:
         raise ValueError(f"checkpoint {ckpt} holds a run of {st['step']} meta-steps, more than the {steps} asked for, "
                          f"and cannot give a {steps}-step run's selection: {why}; ask for {st['step']} meta-steps or "
                          "more, or use another --out")
-    return curve
+    return curve, test_curve
+
+
+def chosen_on_test(test_curve) -> tuple[int, np.ndarray]:
+    """(k*, acc(k*)) with k* = argmax over the evaluated steps k of the mean test accuracy (first on ties): the
+    notebook's selection, on the test tasks themselves, so biased upwards."""
+    if not test_curve:
+        raise ValueError("no evaluated step: the run holds no test curve to select from")
+    means = [float(np.mean(a)) for _, a in test_curve]
+    k, acc = test_curve[int(np.argmax(means))]
+    return int(k), np.asarray(acc)
 
 
 def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int, settings: BaselineSettings,
                  seed: int = 0, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
                  device="cpu", run_key: dict | None = None) -> dict:
     """Meta-train theta with Adam on the train tasks, select theta* = argmax val accuracy; test accuracy of theta*.
+
+    Every evaluated step is also scored on the test tasks (per task, in "test_curve" and the checkpoint); that curve
+    never takes part in the selection (the notebook's test-set selection, biased, is computed from it elsewhere).
+    A checkpoint saved before the test curve was kept has no test scores for its earlier steps and their weights are
+    gone, so it is retrained from step 0 (same seed: the same run) and replaced.
 
     run_key: what ties a checkpoint to its data (e.g. the store's fingerprint and the training tasks); a checkpoint
     in checkpoint_dir is resumed only if it was written with the same method, seed, way, settings and run_key.
@@ -171,27 +188,32 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
     opt = torch.optim.Adam(params.values(), lr=s.outer_lr)
     n_train = len(train.support)
     batch_size = min(s.meta_batch, n_train)
-    step, curve, best_acc, best_step = 0, [], -1.0, 0
+    step, curve, test_curve, best_acc, best_step = 0, [], [], -1.0, 0
     best_params = {k: v.detach().clone() for k, v in params.items()}
     best_buffers = {k: v.clone() for k, v in buffers.items()}
 
     ident = {"method": method, "seed": seed, "way": way,
              "settings": {k: v for k, v in asdict(s).items() if k != "meta_steps"}, "run_key": run_key or {}}
     ckpt = Path(checkpoint_dir) / BASELINE_CHECKPOINT if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        st = torch.load(ckpt, map_location=device, weights_only=True)
-        if st["ident"] != ident:
-            raise ValueError(f"checkpoint {ckpt} was written by a different run: {st['ident']} != {ident}")
+    st = torch.load(ckpt, map_location=device, weights_only=True) if ckpt is not None and ckpt.exists() else None
+    if st is not None and st["ident"] != ident:
+        raise ValueError(f"checkpoint {ckpt} was written by a different run: {st['ident']} != {ident}")
+    if st is not None and "test_curve" not in st:
+        print(f"checkpoint {ckpt} has no test-task scores per evaluated step: retraining it from step 0",
+              file=sys.stderr, flush=True)
+        st = None
+    if st is not None:
         with torch.no_grad():
             for k in params:
                 params[k].copy_(st["params"][k])
             for k in buffers:
                 buffers[k].copy_(st["buffers"][k])
         opt.load_state_dict(st["opt"])
-        step, curve, best_acc, best_step = st["step"], list(st["curve"]), st["best_acc"], st["best_step"]
+        step, curve, test_curve = st["step"], list(st["curve"]), list(st["test_curve"])
+        best_acc, best_step = st["best_acc"], st["best_step"]
         best_params, best_buffers = st["best_params"], st["best_buffers"]
         if step > s.meta_steps:  # a longer run: its selection among the steps asked for, when it holds it
-            curve = shorter_run(ckpt, st, s.meta_steps)
+            curve, test_curve = shorter_run(ckpt, st, s.meta_steps)
         rng.bit_generator.state = st["np_rng"]
         torch.set_rng_state(st["torch_rng"].cpu())
 
@@ -206,6 +228,7 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
         if done % s.eval_every == 0 or done == s.meta_steps:
             acc = float(task_accuracies(method, model, params, buffers, X, val, s, device).mean())
             curve.append((done, acc))
+            test_curve.append((done, task_accuracies(method, model, params, buffers, X, test, s, device).tolist()))
             if acc > best_acc:
                 best_acc, best_step = acc, done
                 best_params = {k: v.detach().clone() for k, v in params.items()}
@@ -216,12 +239,14 @@ def run_baseline(method: str, images: np.ndarray, train, val, test, *, way: int,
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 checkpoint.save_checkpoint(ckpt, {
                     "ident": ident, "step": done, "params": {k: v.detach() for k, v in params.items()},
-                    "buffers": buffers, "opt": opt.state_dict(), "curve": curve, "best_acc": best_acc,
-                    "best_step": best_step, "best_params": best_params, "best_buffers": best_buffers,
+                    "buffers": buffers, "opt": opt.state_dict(), "curve": curve, "test_curve": test_curve,
+                    "best_acc": best_acc, "best_step": best_step, "best_params": best_params,
+                    "best_buffers": best_buffers,
                     "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
     bar.close()
 
     test_acc = task_accuracies(method, model, best_params, best_buffers, X, test, s, device)
     return {"method": method, "test_acc": test_acc, "val_curve": curve, "best_step": best_step,
+            "test_curve": [(k, np.asarray(a)) for k, a in test_curve],
             "best_val_acc": best_acc, "bn_mode": BN_MODES[s.bn_mode], "seconds": time.perf_counter() - t0,
             "settings": asdict(s), "best_params": best_params, "device": str(device)}

@@ -12,6 +12,7 @@ from .derived import check_results_dir, claim_results_dir
 from .results import merged, method_label
 
 ORDER = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn", "maml", "imaml")
+TEST_SELECTED = "test-selected"  # maml-test-selected: the checkpoint of best mean test accuracy (biased upwards)
 X_AXES = {"tasks": ("n_train_tasks", "number of training tasks"),
           "characters": ("n_train_characters", "number of training characters (classes)")}
 
@@ -26,6 +27,32 @@ def write_results(results: dict, out: Path) -> Path:
         atomic_write_text(path, json.dumps(results, indent=1))
         render(out)
     return path
+
+
+def chosen_on_test_key(method: str) -> str:
+    """results.json key of a baseline's test-selected record: maml -> maml-test-selected."""
+    return f"{method}-{TEST_SELECTED}"
+
+
+def is_chosen_on_test(key: str) -> bool:
+    """Whether a method key names a record whose checkpoints were chosen on the test tasks (biased upwards)."""
+    return key.split("/")[0].endswith(f"-{TEST_SELECTED}")
+
+
+def label(key: str) -> str:
+    """method_label, with test-selected records marked: 'MAML (2nd order) (test-selected, biased)'."""
+    if not is_chosen_on_test(key):
+        return method_label(key)
+    method, sep, rest = key.partition("/")
+    return f"{method_label(method.removesuffix('-' + TEST_SELECTED) + sep + rest)} ({TEST_SELECTED}, biased)"
+
+
+def line_style(key: str) -> dict:
+    """Plot style of a method: dashed for the flat ablations, dashed with hollow markers for test-selected ones."""
+    if is_chosen_on_test(key):
+        return {"linestyle": "--", "markerfacecolor": "none"}
+    flat = key.split("/")[0].split("-")[0] in ("r_t", "pixel_1nn", "embedding_1nn", "meta_term")
+    return {"linestyle": "--" if flat else "-"}
 
 
 def _methods(results: dict):
@@ -74,11 +101,11 @@ def _table(results: dict, methods) -> str:
         r = results["methods"][k]
         cell = {n: f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
                 for n, m, (lo, hi) in zip(r["n_train_tasks"], r["mean"], r["ci95"])}
-        lines.append(f"| {method_label(k)} | {r['seeds']} | " + " | ".join(cell.get(n, "") for n in counts) + " |")
+        lines.append(f"| {label(k)} | {r['seeds']} | " + " | ".join(cell.get(n, "") for n in counts) + " |")
     for k in methods:
         note = results["methods"][k].get("note")
         if note:
-            lines.append(f"\n{method_label(k)}: {note}")
+            lines.append(f"\n{label(k)}: {note}")
     return "\n".join(lines) + "\n"
 
 
@@ -97,10 +124,8 @@ def _plot(results: dict, methods, png: Path, x: str) -> None:
         m = [100 * v for v in r["mean"]]
         err = [[100 * (v - lo) for v, (lo, _) in zip(r["mean"], r["ci95"])],
                [100 * (hi - v) for v, (_, hi) in zip(r["mean"], r["ci95"])]]
-        flat = k.split("/")[0].split("-")[0] in ("r_t", "pixel_1nn", "embedding_1nn", "meta_term")
         ax.errorbar(xs, m, yerr=err, marker="os^Dv"[i % 5], markersize=4, capsize=2, linewidth=1,
-                    color=plt.cm.tab20(i % 20), label=f"{method_label(k)} ({r['seeds']} seeds)",
-                    linestyle="--" if flat else "-")
+                    color=plt.cm.tab20(i % 20), label=f"{label(k)} ({r['seeds']} seeds)", **line_style(k))
     way = results.get("way")
     if way:
         ax.axhline(100 / way, color="grey", linewidth=1, linestyle=":", label=f"chance ({100 / way:.0f}%)")
