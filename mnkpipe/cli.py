@@ -32,18 +32,20 @@ def _api(call):
 
 
 class _StoreFolder(click.Path):
-    """--store: store.store_folder (`~` expanded; URLs and system folders refused), then click's path checks."""
+    """--store: store.store_folder (`~` expanded; URLs and system folders refused), then click's path checks; with
+    urls=True an s3://BUCKET/PREFIX passes as its URL (the store itself says whether it is there)."""
 
-    def __init__(self, exists: bool = False):
+    def __init__(self, exists: bool = False, urls: bool = False):
         super().__init__(exists=exists, file_okay=False)
+        self.urls = urls
 
     def convert(self, value, param, ctx):
-        from .store.paths import store_folder
+        from .store.paths import store_folder, store_location
         try:
-            folder = str(store_folder(value))
-        except RuntimeError as e:  # StoreError: a URL, a system folder
+            place = store_location(value) if self.urls else store_folder(value)
+        except RuntimeError as e:  # StoreError: a URL (without urls, or of a scheme not supported), a system folder
             self.fail(str(e), param, ctx)
-        return super().convert(folder, param, ctx)
+        return place if isinstance(place, str) else super().convert(str(place), param, ctx)
 
 
 def _stop(message: str, code: int):
@@ -154,7 +156,8 @@ def gram_cmd(data, n, depth, size, backend):
 
 @main.command("compute-kernel")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="Experiment TOML (configs/).")
-@click.option("--store", required=True, type=_StoreFolder(), help="Zarr store to create or resume.")
+@click.option("--store", required=True, type=_StoreFolder(urls=True),
+              help="Zarr store to create or resume: a folder, or s3://BUCKET/PREFIX (AWS_* variables).")
 @click.option("--data", help="Data root (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
 @click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
               help="GPU workers (one cupy actor per GPU).")
@@ -180,7 +183,7 @@ def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, brea
 
 
 @main.command("status")
-@click.argument("store", type=_StoreFolder(exists=True))
+@click.argument("store", type=_StoreFolder(exists=True, urls=True))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(store, as_json):
     """Tiles and pairs done, rate, ETA and the workers last seen."""
@@ -193,7 +196,7 @@ def status_cmd(store, as_json):
 
 
 @main.command("verify")
-@click.argument("store", type=_StoreFolder(exists=True))
+@click.argument("store", type=_StoreFolder(exists=True, urls=True))
 @click.option("--repair", is_flag=True,
               help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
@@ -274,7 +277,8 @@ def _show_results(store, out):
 @click.option("--methods", default="mnk,meta_term,r_t,embedding_1nn,pixel_1nn", show_default=True,
               callback=_name_list, help="Kernel methods and ablations to run.")
 @click.option("--labels", default="onehot", show_default=True, callback=_name_list,
-              help="Label mode(s): onehot, embedding, or onehot,embedding (docs/math.md sec. 2.3).")
+              help="Label mode(s), comma-separated: onehot, embedding (the [embedding] extractor, trained), "
+                   "random_embedding (the same extractor untrained) (docs/math.md sec. 2.3).")
 @click.option("--augment", default="1", show_default=True, callback=_int_list,
               help="Task augmentation K (comma-separated for several): the tasks plus K-1 re-partitions of their "
                    "classes.")
@@ -300,7 +304,7 @@ def _show_results(store, out):
 def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, config, ridge, ridge_grid, eta, t_outer,
                  no_normalise, conventions, phi_tile_size, cpus, address, no_progress):
     """Meta-test accuracy vs number of training tasks: MNK and its ablations (meta term alone, r_t, embedding
-    1-NN, pixel 1-NN), in one or both label modes, with and without task augmentation.
+    1-NN, pixel 1-NN), in one or more label modes, with and without task augmentation.
 
     Never writes into the store (it may be read-only): the meta-kernel arrays and the extractors' checkpoints live
     under the results folder, keyed by their settings, so a rerun or a sweep reuses them. Writes results.json,

@@ -41,8 +41,8 @@ class EmbeddingSettings:
     def validate(self, where: str = "[embedding]") -> None:
         """Raise ValueError naming the first setting out of its range."""
         for key in ("channels", "blocks", "epochs", "batch"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{where} {key} = {getattr(self, key)!r}: must be >= 1")
+            if getattr(self, key) < (0 if key == "epochs" else 1):  # 0 epochs: untrained, random weights
+                raise ValueError(f"{where} {key} = {getattr(self, key)!r}: must be >= {0 if key == 'epochs' else 1}")
         if not self.lr > 0:
             raise ValueError(f"{where} lr = {self.lr!r}: must be > 0")
 

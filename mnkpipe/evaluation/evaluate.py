@@ -13,8 +13,8 @@ from ..pipeline.ray_session import start_ray, stop_ray
 from ..store import StoreError, open_store
 from .augment import augment_tasks
 from .derived import check_results_dir, claim_results_dir, held, store_gram_key
-from .labels import (LABEL_MODES, decode, embedding_settings, embedding_targets, extractor_dir, extractor_key,
-                     pool_embeddings, write_extractor_key)
+from .labels import (EMBEDDING_MODES, LABEL_MODES, decode, embedding_settings, embedding_targets, extractor_dir,
+                     extractor_key, mode_settings, pool_embeddings, write_extractor_key)
 from .phi import (ARRAY, INF, CachedGram, PhiSource, normalised, phi_attrs, phi_path, phi_settings, prepare_phi,
                   read_phi, task_ops_list)
 from .protocol import check_train_counts, default_counts, subset_size, train_subsets
@@ -48,7 +48,7 @@ def check_options(methods, labels, augment, seeds, ridge, eta, t_outer, ridge_gr
         raise ValueError(f"--methods: unknown method(s) {sorted(set(methods) - set(KERNEL_METHODS))}; choose from "
                          f"{', '.join(KERNEL_METHODS)} (maml and imaml come from `mnkpipe baselines`)")
     if not labels or set(labels) - set(LABEL_MODES):
-        raise ValueError(f"--labels must be one or both of {', '.join(LABEL_MODES)}; got {','.join(labels)}")
+        raise ValueError(f"--labels must be one or more of {', '.join(LABEL_MODES)}; got {','.join(labels)}")
     if not augment or min(augment) < 1:
         raise ValueError(f"--augment must be integers >= 1 (1 = the tasks as sampled); got {list(augment)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -210,7 +210,8 @@ class _Run:
 
     def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int], validation: dict | None = None):
         self.store, self.out, self.s, self.counts = store, out, settings, counts
-        self.emb_settings = embedding_settings(settings.config) if "embedding" in settings.labels else None
+        self.emb_settings = (embedding_settings(settings.config) if set(EMBEDDING_MODES) & set(settings.labels)
+                             else None)
         self.phi_settings = phi_settings(settings.ridge, settings.eta, settings.normalise, settings.conventions)
         self.ep = store.episodes()
         self.images = store.images()
@@ -266,15 +267,15 @@ class _Run:
         self.sizes[n].append(subset_size(self.ep.train, subset))
         if "pixel_1nn" in self.keys:  # the same at every count and seed
             self.per["pixel_1nn"][n][seed] = self.pixel_acc
-        emb = self.embeddings(train, subset, seed) if "embedding" in s.labels else None
+        emb = {lab: self.embeddings(train, subset, seed, lab) for lab in s.labels if lab in EMBEDDING_MODES}
         if "embedding_1nn" in self.keys:
-            self.per["embedding_1nn"][n][seed] = [np.mean(mnk.nearest_support(
-                emb[test.query[i]], emb[test.support[i]], test.support_labels[i]) == test.query_labels[i])
-                for i in range(test.n_tasks)]
+            e = emb["embedding"]
+            self.per["embedding_1nn"][n][seed] = query_accuracies(
+                test, lambda i: mnk.nearest_support(e[test.query[i]], e[test.support[i]], test.support_labels[i]))
         targets = {}  # {set: {label mode: TaskOps of its tasks with that mode's targets}}
         for name, (tasks, ops, per) in self.task_sets().items():
             targets[name] = {lab: ops if lab == "onehot" else
-                             [embedding_targets(t, sl, ql, emb, test=True) for t, sl, ql in
+                             [embedding_targets(t, sl, ql, emb[lab], test=True) for t, sl, ql in
                               zip(ops, tasks.support_labels, tasks.query_labels)] for lab in s.labels}
             for lab in s.labels if "r_t" in s.methods else []:
                 t = targets[name][lab]
@@ -289,14 +290,15 @@ class _Run:
                     if method in s.methods:
                         per[method_key(method, lab, k)][n][seed] = query_accuracies(tasks, pred.__getitem__)
 
-    def embeddings(self, train, subset, seed: int) -> np.ndarray:
-        """Embeddings of the pool (and validation images, when scored) by the extractor of this training subset and
-        seed (trained once, then reused)."""
-        key = extractor_key(store_gram_key(self.store), subset, seed, self.emb_settings)
+    def embeddings(self, train, subset, seed: int, mode: str) -> np.ndarray:
+        """Embeddings of the pool (and validation images, when scored) by the extractor of a label mode for this
+        training subset and seed (trained once, then reused)."""
+        settings = mode_settings(self.emb_settings, mode)
+        key = extractor_key(store_gram_key(self.store), subset, seed, settings)
         ckpt = extractor_dir(self.out, key)
         with held(self.out, ckpt):  # one run trains it, a second one on the same folder waits and reuses it
             write_extractor_key(ckpt, key)
-            return pool_embeddings(self.images, train, self.emb_settings, seed=seed, checkpoint_dir=ckpt,
+            return pool_embeddings(self.images, train, settings, seed=seed, checkpoint_dir=ckpt,
                                    progress=self.s.progress)
 
     def augmented(self, train, subset, seed: int, k: int):
@@ -329,8 +331,8 @@ class _Run:
             h["labels"] = rest[0]
         if len(rest) > 1:
             h["augment"] = int(rest[1][1:])
-        if "embedding" in key and self.emb_settings is not None:
-            h["embedding"] = asdict(self.emb_settings)
+        if rest and rest[0] in EMBEDDING_MODES:
+            h["embedding"] = asdict(mode_settings(self.emb_settings, rest[0]))
         return h
 
     def records(self) -> dict:
@@ -347,11 +349,11 @@ def query_accuracies(tasks, predict) -> list[float]:
 
 def meta_fits(kb, tasks, phi, labels, emb, settings: dict, *, t_outer: float) -> tuple[list, dict]:
     """(TaskOps of the training tasks, {label mode: MNKFit}): alpha fitted on the training tasks' targets of each
-    label mode (emb: the pool's embeddings, or None for one-hot labels only)."""
+    label mode (emb: {label mode: the pool's embeddings} of the embedding modes)."""
     ops = task_ops_list(kb, tasks, settings)
     fits = {}
     for lab in labels:
-        train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb, test=False) for o, sl, ql in
+        train_ops = ops if lab == "onehot" else [embedding_targets(o, sl, ql, emb[lab], test=False) for o, sl, ql in
                                                  zip(ops, tasks.support_labels, tasks.query_labels)]
         fits[lab] = mnk.mnk_fit(train_ops, phi, ridge=settings["ridge"], t_outer=t_outer,
                                 normalise_phi=settings["normalise_k"],

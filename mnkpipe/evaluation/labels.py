@@ -14,7 +14,8 @@ from ..kernels import mnk
 from ..keys import settings_key
 from ..pipeline.config import read_table, section
 
-LABEL_MODES = ("onehot", "embedding")
+LABEL_MODES = ("onehot", "embedding", "random_embedding")
+EMBEDDING_MODES = ("embedding", "random_embedding")  # random_embedding: the same extractor untrained (0 epochs)
 
 
 def embedding_settings(config_path=None):
@@ -25,6 +26,13 @@ def embedding_settings(config_path=None):
     s = section(EmbeddingSettings, table, where)
     s.validate(where)
     return s
+
+
+def mode_settings(settings, mode: str):
+    """The extractor settings of an embedding label mode: the [embedding] table, with 0 epochs (random weights,
+    BatchNorm statistics of the training images) for random_embedding."""
+    from dataclasses import replace
+    return replace(settings, epochs=0) if mode == "random_embedding" else settings
 
 
 def extractor_training_set(tasks: TaskSet) -> tuple[np.ndarray, np.ndarray]:
