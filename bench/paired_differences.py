@@ -5,6 +5,7 @@ over the seeds), mean and 95% t-interval over tasks of accuracy(A) - accuracy(B)
     .venv/bin/python bench/paired_differences.py RESULTS_JSON A B [B ...]
     .venv/bin/python bench/paired_differences.py docs/results/omniglot-5w1s-cpu/results.json mnk/embedding/K15 \
         r_t/onehot r_t/embedding embedding_1nn maml imaml mnk/onehot/K15 mnk/embedding/K1
+    .venv/bin/python bench/paired_differences.py RESULTS_JSON maml-test-selected maml   # the test selection's bias
 """
 
 import json
