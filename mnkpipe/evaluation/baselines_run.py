@@ -38,9 +38,9 @@ def checkpoint_key(gram_key: str, way: int, settings: BaselineSettings) -> str:
 def biased_note(method: str, settings: BaselineSettings) -> str:
     """What a test-selected record is, plainly: chosen on the test tasks, so not an estimate for new tasks."""
     return (f"BIASED UPWARDS: the same {method} runs, but for each count and seed the checkpoint with the best mean "
-            f"accuracy on the test tasks themselves (among those evaluated every {settings.eval_every} meta-steps), "
-            "as the authors' notebook reports MAML and iMAML; selection on the test set, shown only to measure that "
-            f"bias beside the validation-selected \"{method}\" (runs: the chosen step per count and seed).")
+            f"accuracy on the test tasks themselves (among the steps evaluated: every {settings.eval_every} and the "
+            "last), as the authors' notebook reports MAML and iMAML; selection on the test set, shown only to measure "
+            f"that bias beside the validation-selected \"{method}\" (runs: the chosen step per count and seed).")
 
 
 def run_baselines(store_path, *, methods=BASELINE_METHODS, train_counts=None, seeds: int = 1, settings=None, out=None,
