@@ -1,6 +1,8 @@
 """Files written whole or not at all (the bottom layer: imports nothing from mnkpipe)."""
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +18,35 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except Exception as e:  # a writer may say "disk full" in its own words (torch: "unexpected pos")
+        full = disk_is_full(path.parent)
+        Path(tmp).unlink(missing_ok=True)
+        if (full or getattr(e, "errno", None) == errno.ENOSPC) and not isinstance(e, DiskFull):
+            raise DiskFull(path.parent) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class DiskFull(OSError):
+    """No space left on the disk holding a folder, said in one line that names the folder."""
+
+    def __init__(self, folder):
+        super().__init__(errno.ENOSPC, "No space left on device", str(folder))
+
+    def __str__(self):
+        return (f"the disk holding {self.filename} is full: free space there and rerun the same command "
+                "(finished work is kept)")
+
+
+def disk_is_full(folder, reserve: int = 1 << 20) -> bool:
+    """Less than `reserve` bytes (1 MiB) free on the disk holding folder: a failed write there is the full disk."""
+    try:
+        return shutil.disk_usage(folder).free < reserve
+    except OSError:
+        return False
 
 
 def atomic_write_text(path, text: str) -> Path:

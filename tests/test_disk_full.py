@@ -38,3 +38,24 @@ def test_disk_full_while_creating_a_store_names_it_and_a_rerun_rebuilds(small_di
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert not (store / CREATION_MARKER).exists() and open_store(store).missing_tiles() == []
+
+
+@pytest.fixture(scope="module")
+def computed_smoke(tmp_path_factory, omniglot_root):
+    store = tmp_path_factory.mktemp("full") / "smoke.zarr"
+    r = CliRunner().invoke(main, ["compute-kernel", "--config", str(SMOKE), "--store", str(store), "--data",
+                                  str(omniglot_root), "--cpus", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    return store
+
+
+@pytest.mark.parametrize("command", [["baselines", "--meta-steps", "4", "--methods", "maml"]])
+def test_disk_full_while_writing_results_names_the_folder(small_disk, computed_smoke, command):
+    out = small_disk / "results"
+    r = CliRunner().invoke(main, [command[0], "--store", str(computed_smoke), "--out", str(out), "--no-progress",
+                                  *command[1:]])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert "is full" in r.output and str(small_disk) in r.output, r.output
+    left = [p for p in small_disk.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+    assert left == [], left
