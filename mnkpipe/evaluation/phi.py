@@ -18,6 +18,7 @@ import zarr
 from ..data import TaskSet
 from ..kernels import mnk
 from ..keys import settings_key
+from ..memory import check_fits
 from ..pipeline.plan import plan_full
 from ..store import StoreError, TiledArray, add_tiled_array, open_store, symmetric_block
 from .derived import create_whole, store_gram_key
@@ -150,6 +151,7 @@ def _new_group(path: Path, attrs: dict, m: int, tile_size: int) -> None:
 def read_phi(path: Path) -> np.ndarray:
     """The whole Phi_train of a finished group (every tile checked against its record), lower triangle mirrored."""
     g = TiledArray(path, ARRAY, repair_hint="delete this group and rerun the same evaluate")
+    check_fits(2 * 8 * g.n ** 2, f"the meta-kernel array {path} ({g.n} x {g.n}, float64, and its mirror)")
     missing = g.missing_tiles()
     if missing:
         raise StoreError(f"{path}: {len(missing)} meta-kernel tiles are not done; rerun the same evaluate")
