@@ -331,8 +331,9 @@ class _Run:
             h["labels"] = rest[0]
         if len(rest) > 1:
             h["augment"] = int(rest[1][1:])
-        if rest and rest[0] in EMBEDDING_MODES:
-            h["embedding"] = asdict(mode_settings(self.emb_settings, rest[0]))
+        mode = "embedding" if method == "embedding_1nn" else rest[0] if rest else None
+        if mode in EMBEDDING_MODES:
+            h["embedding"] = asdict(mode_settings(self.emb_settings, mode))
         return h
 
     def records(self) -> dict:
