@@ -6,40 +6,40 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..store import RECORD_REPAIR, StoreError, StoreLock, TiledArray, find_tiled_arrays, open_store, tile_crc
-from ..store.lock import owner_state
+from ..store import RECORD_REPAIR, StoreError, TiledArray, find_tiled_arrays, open_storage, open_store, tile_crc
 
 
 def store_status(store_path, name: str = "gram") -> dict:
-    """Tiles and pairs done/total (done = record set and chunk file present), last rate, ETA, workers last seen,
-    the lock's owner and whether it is alive, and the same for each meta-kernel group under <store>-results/phi/."""
+    """Tiles and pairs done/total (done = record set and chunk object present), last rate, ETA, workers last seen,
+    the lock's owner and whether it is alive, and the same for each meta-kernel group under <store>-results/phi/
+    (a local store's)."""
     store = open_store(store_path)
     s = store.tiled(name).status()
-    s.update(store=str(store.path), n_images=store.n, lock=lock_status(store.path),
-             meta_kernels=[tiled_status(g) for g in phi_groups(store.path)])
+    s.update(store=str(store.path), n_images=store.n, lock=lock_status(store.storage),
+             meta_kernels=[tiled_status(g) for g in phi_groups(store.storage)])
     return s
 
 
 def lock_status(store_path) -> dict | None:
-    """The lock's owner info with 'state': alive, dead (stale), unknown (another host) or foreign (a file at the
-    lock's path that is not mnkpipe's, with its 'path'); None if free."""
-    lock = StoreLock(store_path)
-    if not lock.path.exists():
-        return None
-    owner = lock.owner()
-    return dict(owner or {"path": str(lock.path)}, state=owner_state(owner))
+    """The lock's owner info with 'state': alive, dead (stale), unknown (another host) or foreign (a file or object
+    at the lock's path that is not mnkpipe's, with its 'path'); None if free."""
+    return open_storage(store_path).lock_status()
 
 
 def phi_groups(store_path) -> list[Path]:
-    """Zarr groups <store>-results/phi/<key>/ (the meta-kernel arrays, kept outside the Gram store)."""
-    p = Path(store_path).resolve()
+    """Zarr groups <store>-results/phi/<key>/ (the meta-kernel arrays, kept outside the Gram store) of a local
+    store."""
+    storage = open_storage(store_path)
+    if storage.path is None:
+        return []
+    p = storage.path.resolve()
     phi = p.with_name(p.name + "-results") / "phi"
     return sorted(g for g in phi.glob("*") if (g / "zarr.json").is_file()) if phi.is_dir() else []
 
 
 def tiled_status(group_path, name: str | None = None) -> dict:
     """Status of the tiled array `name` of any Zarr group (default: its only tiled array X, with X_plan, X_crc32)."""
-    group = zarr.open_group(str(group_path), mode="r")
+    group = zarr.open_group(open_storage(group_path).zarr_store(), mode="r")
     if name is None:
         names = find_tiled_arrays(group)
         if not names:
@@ -96,7 +96,7 @@ def verify_store(store_path, name: str = "gram", inputs: bool = True) -> dict:
     if not ta.plan().any():  # checked against its digest; a store made before the digest: a lost chunk plans nothing
         raise StoreError(f"{name}_plan of {store.path} plans no tile (its chunk is lost): "
                          f"run `mnkpipe verify --repair {store.path}`")
-    arr, rec = ta.array, ta.records()
+    arr, rec, present = ta.array, ta.records(), ta.present_chunks()
     bad = []
     checked = 0
     for bi, bj in ta.planned_tiles():
@@ -106,7 +106,7 @@ def verify_store(store_path, name: str = "gram", inputs: bool = True) -> dict:
         if rec[bi, bj] < 0:
             continue
         checked += 1
-        if not ta.chunk_present(bi, bj):
+        if (bi, bj) not in present:
             bad.append({"tile": (bi, bj), "problem": "unreadable chunk: file missing or of the wrong size"})
             continue
         try:

@@ -1,33 +1,15 @@
-"""The tile loop without Ray: one process computes every missing tile of a store (for a GPU box without Ray)."""
+"""The tile loop without Ray: compute_kernel with the LocalExecutor (for a GPU box without Ray)."""
 
-import time
-
-from tqdm import tqdm
-
-from ..kernels.cntk import resolve_backend
-from ..store import StoreLock
-from ..workers.tile import CNTKSource, TileComputer
 from .config import load_config
-from .driver import prepare_store
+from .driver import compute_kernel
+from .executors import LocalExecutor
 
 
 def compute_local(config, store_path, *, backend: str = "cpu", data: str | None = None, progress: bool = True) -> dict:
-    """Prepare the store (recording `backend`), check its inputs, then compute its missing Gram tiles in this process
-    with `backend`; returns pairs/s."""
+    """compute_kernel in this process with `backend` (recorded in the store): prepare the store, check its inputs,
+    compute its missing Gram tiles; returns tiles, pairs, seconds, compute seconds and pairs/s."""
     cfg = load_config(config) if not hasattr(config, "compute") else config
-    backend = resolve_backend(backend)
-    with StoreLock(store_path, command=f"compute_local({backend})"):
-        store = prepare_store(cfg, store_path, data=data, backend=backend)
-        todo = store.missing_tiles()
-        if todo:
-            store.check_inputs()  # tiles computed from damaged images or scale maps would be wrong
-        worker = TileComputer(CNTKSource(store_path), store_path, backend=backend)
-        t0 = time.perf_counter()
-        pairs = compute = 0.0
-        for bi, bj in tqdm(todo, desc=f"tiles ({backend})", disable=not progress):
-            status = worker.run(bi, bj)
-            pairs += worker.target.tile_pairs(bi, bj)
-            compute += status["compute_s"]
-        seconds = time.perf_counter() - t0
-    return {"tiles": len(todo), "pairs": int(pairs), "seconds": seconds, "compute_s": compute,
-            "pairs_per_s": pairs / seconds if seconds else 0.0}
+    s = compute_kernel(cfg, store_path, data=data, progress=progress, executor=LocalExecutor(backend))
+    seconds = s["seconds"]
+    return {"tiles": s["tiles_computed"], "pairs": s["pairs_computed"], "seconds": seconds, "compute_s": s["compute_s"],
+            "pairs_per_s": s["pairs_computed"] / seconds if seconds else 0.0}

@@ -3,14 +3,14 @@
 import hashlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from .. import __version__
-from .tiled import (ZARR_PARTIAL, StoreError, TiledArray, add_tiled_array, n_blocks, plan_digest, remove_partial_files,
-                    symmetric_block)
+from .errors import StoreError
+from .storage import open_storage
+from .tiled import TiledArray, add_tiled_array, n_blocks, plan_digest, symmetric_block
 
 CREATION_MARKER = ".mnkpipe-creating"  # inside a store folder from its first write until its manifest is written
 IMAGE_DIMS = ("image", "channel", "y", "x")
@@ -18,20 +18,22 @@ HASH_BLOCK_BYTES = 64 << 20  # input arrays are hashed in blocks of rows of abou
 
 
 class Store:
-    """One experiment's Zarr group. Gram tiles are chunks; a tile is done when its record in gram_crc32 is set and
-    its chunk file is present; reads check each tile against its record."""
+    """One experiment's Zarr group, in a local folder or on object storage (`path`: a local path, URL or storage).
+    Gram tiles are chunks; a tile is done when its record in gram_crc32 is set and its chunk object is present;
+    reads check each tile against its record."""
 
     def __init__(self, path, mode: str = "r"):
         if mode not in ("r", "r+"):
             raise ValueError(f"a store is opened with mode 'r' or 'r+', not {mode!r}; create one with create_store() "
                              "(mode 'w' or 'a' could empty or change a finished store)")
-        self.path = Path(path)
-        if not (self.path / "zarr.json").exists():
+        self.storage = open_storage(path)
+        self.path = self.storage.path or self.storage.url  # a Path for a local folder, the URL on object storage
+        if not self.storage.exists("zarr.json"):
             raise StoreError(f"no mnkpipe store at {self.path} (no zarr.json); "
                              "create one with `mnkpipe compute-kernel`")
-        self.root = zarr.open_group(str(self.path), mode=mode)
+        self.root = zarr.open_group(self.storage.zarr_store(read_only=mode == "r"), mode=mode)
         self.manifest = dict(self.root.attrs.get("manifest", {}))
-        if not self.manifest and (self.path / CREATION_MARKER).exists():
+        if not self.manifest and self.storage.exists(CREATION_MARKER):
             raise StoreError(f"{self.path} is an mnkpipe store being created, or whose creation was interrupted: "
                              "rerun the compute-kernel command that started it")
         if not self.manifest:
@@ -60,8 +62,8 @@ class Store:
         """The tiled array `name` of this store (its tiles, records and checked reads; the Gram's plan is checked
         against its record in the manifest)."""
         if name != "gram":
-            return TiledArray(self.path, name, group=self.root)
-        return TiledArray(self.path, name, group=self.root, repair_hint=f"run `mnkpipe verify --repair {self.path}`",
+            return TiledArray(self.storage, name, group=self.root)
+        return TiledArray(self.storage, name, group=self.root, repair_hint=f"run `mnkpipe verify --repair {self.path}`",
                           plan_record=self.manifest.get("plan"))
 
     def check_inputs(self) -> list[str]:
@@ -75,20 +77,16 @@ class Store:
             except Exception as e:  # noqa: BLE001 - an undecodable or missing chunk is damage too
                 now = f"unreadable ({type(e).__name__}: {e})"
             if now != digest:
-                raise StoreError(f"{name} of {self.path} differs from its checksum in the manifest (a chunk file "
-                                 f"under {self.path / name} was changed or damaged): tiles computed from it would be "
-                                 "wrong; nothing was computed. Rebuild the store with compute-kernel at a new --store "
-                                 "path")
+                raise StoreError(f"{name} of {self.path} differs from its checksum in the manifest (a chunk "
+                                 f"under {self.storage.where(name)} was changed or damaged): tiles computed from it "
+                                 "would be wrong; nothing was computed. Rebuild the store with compute-kernel at a new "
+                                 "--store path")
         return sorted(recorded)
 
     def remove_partial_files(self) -> list:
         """Delete the temporary chunk files killed zarr writers left in the store's arrays (needs the lock)."""
-        gone = _remove_root_partials(self.path)
-        for name, _ in self.root.arrays():
-            gone += remove_partial_files(self.path / name)
-        if "episodes" in self.root:
-            gone += remove_partial_files(self.path / "episodes")
-        return gone
+        folders = [name for name, _ in self.root.arrays()] + (["episodes"] if "episodes" in self.root else [])
+        return self.storage.remove_partials(folders)
 
     def array(self, name: str):
         return self.root[name]
@@ -186,28 +184,19 @@ def input_digests(root) -> dict[str, str]:
     return {name: array_sha256(root[name]) for name in sorted(names)}
 
 
-def _remove_root_partials(folder: Path) -> list:
-    """Delete zarr's temporary files of the group's own zarr.json (zarr.<32 hex>.partial), in folder only."""
-    gone = []
-    for f in folder.glob("zarr.*.partial"):
-        if f.is_file() and ZARR_PARTIAL.search(f.name):
-            f.unlink(missing_ok=True)
-            gone.append(f)
-    return gone
-
-
 def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, plan: np.ndarray,
                  dtype: str = "float64", backend: str = "cpu") -> Store:
-    """Write a new store into a new or empty folder: the creation marker first, then images, scale maps, episodes,
-    the empty Gram with its plan, then the manifest (with the backend and the checksums of inputs and plan), and
-    only then remove the marker."""
+    """Write a new store into a new or empty folder (or prefix): the creation marker first, then images, scale maps,
+    episodes, the empty Gram with its plan, then the manifest (with the backend and the checksums of inputs and
+    plan), and only then remove the marker."""
     from ..kernels import scale_maps
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise StoreError(f"{path} exists and is not an mnkpipe store; refusing to write into it (nothing was changed)")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CREATION_MARKER).write_text("mnkpipe store being created; removed once its manifest is written\n")
-    root = zarr.create_group(str(path))  # fails if a group exists; never mode "w", which empties the folder
+    storage = open_storage(path)
+    if storage.contents() != "none":
+        raise StoreError(f"{storage.url} exists and is not an mnkpipe store; refusing to write into it (nothing was "
+                         "changed)")
+    storage.make()
+    storage.write_text(CREATION_MARKER, "mnkpipe store being created; removed once its manifest is written\n")
+    root = zarr.create_group(storage.zarr_store(read_only=False))  # never mode "w", which empties the folder
     x = experiment.images
     n = len(x)
     root.create_array("images", data=x, chunks=(tile_size,) + x.shape[1:], dimension_names=IMAGE_DIMS)
@@ -241,8 +230,8 @@ def create_store(path, experiment, *, config: dict, depth: int, tile_size: int, 
         "standardiser": {"mean": experiment.mean, "std": experiment.std},
         "sources": experiment.paths,
     }
-    (path / CREATION_MARKER).unlink()
-    return Store(path, mode="r+")
+    storage.delete(CREATION_MARKER)
+    return Store(storage, mode="r+")
 
 
 def _episode_dims(key: str, ndim: int) -> tuple[str, ...]:
@@ -255,13 +244,13 @@ def _episode_dims(key: str, ndim: int) -> tuple[str, ...]:
 
 
 def is_being_created(path) -> bool:
-    """True for a folder whose store creation started (marker written) but never finished (no manifest yet)."""
-    path = Path(path)
-    if not (path / CREATION_MARKER).exists():
+    """True for a store whose creation started (marker written) but never finished (no manifest yet)."""
+    storage = open_storage(path)
+    if not storage.exists(CREATION_MARKER):
         return False
-    if not (path / "zarr.json").exists():
+    if not storage.exists("zarr.json"):
         return True
-    return "manifest" not in zarr.open_group(str(path), mode="r").attrs
+    return "manifest" not in zarr.open_group(storage.zarr_store(), mode="r").attrs
 
 
 def open_store(path, mode: str = "r") -> Store:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .lock import StoreLockedError, owner_state
-from .tiled import StoreError
+from .errors import StoreError
 
 SUPPORTED = "a local path or s3://BUCKET/PREFIX"
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def parse_location(text) -> Location:
     """Location of `--store TEXT`: s3://BUCKET/PREFIX, file:///PATH or a plain path (made absolute); StoreError for
     any other URL scheme or an s3 URL without a bucket and a prefix."""
     text = str(text)
-    m = _SCHEME.match(text)
+    m = URL_SCHEME.match(text)
     if not m:
         path = Path(os.path.abspath(os.path.expanduser(text)))
         return Location(str(path), path=path)
@@ -134,7 +134,7 @@ class ObjectLock:
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command, "token": uuid.uuid4().hex}
         self.replaced: dict | None = None
 
-    def _read(self) -> tuple[dict | None, str | None]:
+    def read(self) -> tuple[dict | None, str | None]:
         """(owner record, ETag) of the lock object; (None, None) when there is none."""
         import obstore
         try:
@@ -149,7 +149,7 @@ class ObjectLock:
             got.meta["e_tag"]
 
     def owner(self) -> dict | None:
-        return self._read()[0]
+        return self.read()[0]
 
     def acquire(self) -> None:
         import obstore
@@ -161,7 +161,7 @@ class ObjectLock:
                 return
             except AlreadyExistsError:
                 pass
-            owner, etag = self._read()
+            owner, etag = self.read()
             if etag is None:
                 continue  # released between our two requests: try to create it again
             if owner is None:
@@ -183,7 +183,7 @@ class ObjectLock:
 
     def release(self) -> None:
         import obstore
-        owner, _ = self._read()
+        owner, _ = self.read()
         if owner and owner.get("token") == self.me["token"]:
             obstore.delete(self.store, self.key)
 

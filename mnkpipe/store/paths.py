@@ -1,10 +1,11 @@
-"""Where a local store may live: `~` expanded, made absolute, never a system folder or the home folder itself."""
+"""Where a store may live: a local folder (`~` expanded, made absolute, never a system folder or the home folder
+itself), or, for the commands that compute, check and verify a store, s3://BUCKET/PREFIX."""
 
 import os
 from pathlib import Path
 
 from .location import parse_location
-from .tiled import StoreError
+from .errors import StoreError
 
 
 def _protected() -> set[Path]:
@@ -19,9 +20,8 @@ def store_folder(text) -> Path:
     (never a local folder named `s3:`), the root,
     a folder directly under it (/usr, /etc, /bin, /tmp...) or the home folder and its parents."""
     if parse_location(text).is_s3:  # any other URL scheme is refused by parse_location itself
-        raise StoreError(f"--store {text}: stores on object storage are not usable by the commands yet (the S3 "
-                         "location, lock and conditional-write probe exist, the Zarr layout on S3 does not): give a "
-                         "local folder on a filesystem every node sees (docs/cluster.md)")
+        raise StoreError(f"--store {text}: this command does not read stores on object storage yet (compute-kernel, "
+                         "status and verify do): give a local folder, e.g. a copy of the store (docs/cluster.md)")
     path = Path(os.path.abspath(os.path.expanduser(str(text))))
     protected = _protected()
     if any(p in protected or p.parent == Path("/") for p in (path, path.resolve())):  # /bin links to /usr/bin
@@ -29,3 +29,9 @@ def store_folder(text) -> Path:
         raise StoreError(f"--store {shown} is a system folder or your home folder; mnkpipe refuses to make or use a "
                          "store there: give a new folder for the store, e.g. --store runs/omniglot.zarr")
     return path
+
+
+def store_location(text) -> Path | str:
+    """store_folder(text) for a local path; the URL s3://BUCKET/PREFIX (normalised) for a store on object storage."""
+    loc = parse_location(text)
+    return loc.url if loc.is_s3 else store_folder(text)

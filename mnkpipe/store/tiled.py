@@ -1,22 +1,16 @@
 """A tiled (n, n) array X in a Zarr group with its siblings X_plan and X_crc32: tiles, records, checked reads."""
 
 import hashlib
-import os
-import re
 import zlib
-from pathlib import Path
 
 import numpy as np
 import zarr
 
+from .errors import StoreError
+from .storage import open_storage
+
 RECORD_FILL = -1  # X_crc32 value of a tile that is not done
 RECORD_REPAIR = -2  # X_crc32 value of a tile found bad and not recomputed yet (CRC32 values are >= 0)
-# zarr's LocalStore writes a file to <name>.<uuid4 hex>.partial, then renames it: what a killed writer leaves
-ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked; the message says why and what to do."""
 
 
 def n_blocks(n: int, tile_size: int) -> int:
@@ -33,16 +27,6 @@ def plan_digest(plan: np.ndarray) -> dict:
     """What a plan is checked against: its shape, its tile count and the sha256 of its bytes (bool, C order)."""
     plan = np.ascontiguousarray(plan, dtype=bool)
     return {"shape": list(plan.shape), "tiles": int(plan.sum()), "sha256": hashlib.sha256(plan.tobytes()).hexdigest()}
-
-
-def remove_partial_files(folder: Path) -> list[Path]:
-    """Delete the temporary files a killed zarr writer leaves under folder (<name>.<32 hex>.partial); return them."""
-    gone = []
-    for f in Path(folder).rglob("*.partial"):
-        if f.is_file() and not f.is_symlink() and ZARR_PARTIAL.search(f.name):
-            f.unlink(missing_ok=True)
-            gone.append(f)
-    return gone
 
 
 def tiled_dimension_names(name: str) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -69,13 +53,15 @@ def find_tiled_arrays(group) -> list[str]:
 
 
 class TiledArray:
-    """Tiled array `name` of the Zarr group at `path` (opened as `group`). A tile (bi, bj) is one chunk; it is done
-    when its record X_crc32[bi, bj] is set and its chunk file is present with the size of one uncompressed chunk."""
+    """Tiled array `name` of the Zarr group at `path` (a local path, URL or storage; opened as `group`). A tile
+    (bi, bj) is one chunk object; it is done when its record X_crc32[bi, bj] is set and its chunk object is present
+    with the size of one uncompressed chunk."""
 
     def __init__(self, path, name: str, group=None, repair_hint: str = "", plan_record: dict | None = None):
-        self.path = Path(path)
+        self.storage = open_storage(path)
+        self.path = self.storage.path or self.storage.url  # a Path for a local folder, the URL on object storage
         self.name = name
-        self.group = group if group is not None else zarr.open_group(str(self.path), mode="r")
+        self.group = group if group is not None else zarr.open_group(self.storage.zarr_store(), mode="r")
         for part in (name, f"{name}_plan", f"{name}_crc32"):
             if part not in self.group:
                 raise StoreError(f"{self.path} holds no tiled array {name!r} (no {part!r} array)")
@@ -127,21 +113,27 @@ class TiledArray:
         found bad and not recomputed yet."""
         return self.group[f"{self.name}_crc32"][...]
 
-    def chunk_path(self, bi: int, bj: int) -> Path:
-        return self.path / self.name / "c" / str(bi) / str(bj)
+    def chunk_key(self, bi: int, bj: int) -> str:
+        return f"{self.name}/c/{bi}/{bj}"
 
-    def chunk_present(self, bi: int, bj: int) -> bool:
-        """Cheap check: the chunk file exists with t * t * itemsize bytes (tiled arrays are not compressed)."""
-        try:
-            size = os.stat(self.chunk_path(bi, bj)).st_size
-        except FileNotFoundError:
-            return False
-        return size == self.tile_size ** 2 * self.array.dtype.itemsize
+    def record_key(self, bi: int, bj: int) -> str:
+        return f"{self.name}_crc32/c/{bi}/{bj}"
+
+    def present_chunks(self) -> set[tuple[int, int]]:
+        """Tiles whose chunk object exists with t * t * itemsize bytes (tiled arrays are not compressed): one listing
+        of the array's chunks."""
+        size = self.tile_size ** 2 * self.array.dtype.itemsize
+        out = set()
+        for key, n in self.storage.sizes(f"{self.name}/c").items():
+            parts = key.split("/")
+            if n == size and len(parts) == 4 and parts[2].isdigit() and parts[3].isdigit():
+                out.add((int(parts[2]), int(parts[3])))
+        return out
 
     def done_tiles(self) -> set[tuple[int, int]]:
-        """Tiles with a record and a chunk file of the right size."""
-        rec = self.records()
-        return {(int(i), int(j)) for i, j in zip(*np.nonzero(rec >= 0)) if self.chunk_present(i, j)}
+        """Tiles with a record and a chunk object of the right size."""
+        rec, present = self.records(), self.present_chunks()
+        return {(int(i), int(j)) for i, j in zip(*np.nonzero(rec >= 0)) if (i, j) in present}
 
     def missing_tiles(self) -> list[tuple[int, int]]:
         done = self.done_tiles()
@@ -190,10 +182,10 @@ class TiledArray:
         """Write one whole aligned chunk, make it durable (fsync), then set its record; returns the CRC32."""
         tile = tile.astype(self.array.dtype)
         self.array[self.block_range(bi), self.block_range(bj)] = tile
-        _fsync(self.chunk_path(bi, bj))
+        self.storage.sync(self.chunk_key(bi, bj))
         crc = tile_crc(tile)
         self.group[f"{self.name}_crc32"][bi, bj] = crc
-        _fsync(self.path / f"{self.name}_crc32" / "c" / str(bi) / str(bj))
+        self.storage.sync(self.record_key(bi, bj))
         return crc
 
     def clear_record(self, bi: int, bj: int) -> None:
@@ -202,7 +194,7 @@ class TiledArray:
     def mark_for_repair(self, bi: int, bj: int) -> None:
         """Record tile (bi, bj) as bad (durably): not done, and recomputed by the next repair even if this one dies."""
         self.group[f"{self.name}_crc32"][bi, bj] = RECORD_REPAIR
-        _fsync(self.path / f"{self.name}_crc32" / "c" / str(bi) / str(bj))
+        self.storage.sync(self.record_key(bi, bj))
 
     def tiles_to_repair(self) -> list[tuple[int, int]]:
         """Tiles marked bad by a repair and not recomputed yet, row-major."""
@@ -223,26 +215,18 @@ class TiledArray:
         return dict(self.array.attrs.get("progress", {}))
 
     def status(self) -> dict:
-        """Tiles and pairs done of the plan (done = record set and chunk file present), and the driver's progress."""
+        """Tiles and pairs done of the plan (done = record set and chunk object present), and the driver's progress."""
         planned = self.planned_tiles()
         done = self.done_tiles() & set(planned)
         pairs_total = sum(self.tile_pairs(*t) for t in planned)
         pairs_done = sum(self.tile_pairs(*t) for t in done)
         prog = self.progress()
         rate = prog.get("rate_pairs_per_s")
-        return {"group": str(self.path), "array": self.name, "n": self.n, "tile_size": self.tile_size,
+        return {"group": self.storage.url, "array": self.name, "n": self.n, "tile_size": self.tile_size,
                 "tiles_done": len(done), "tiles_total": len(planned), "pairs_done": pairs_done,
                 "pairs_total": pairs_total, "rate_pairs_per_s": rate,
                 "eta_s": (pairs_total - pairs_done) / rate if rate else None,
                 "last_update": prog.get("updated"), "workers": prog.get("workers", {})}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def symmetric_block(rows: np.ndarray, cols: np.ndarray, tile_size: int, upper_tile) -> np.ndarray:

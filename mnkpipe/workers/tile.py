@@ -10,19 +10,26 @@ import os
 import resource
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import zarr
 
 from .. import __version__
-from ..store import Store, StoreError, TiledArray, open_store
+from ..store import Store, StoreError, TiledArray, open_storage, open_store
 
 WORKER_RESTARTS = 3  # restarts of one worker process before its actor is dead and the driver restarts Ray
 
 
 class StoreNotShared(StoreError):
-    """A worker does not see the driver's store at the driver's path, or runs another mnkpipe version."""
+    """A worker does not see the driver's store at the driver's path or URL, or runs another mnkpipe version."""
+
+
+def _shared_hint(where: str) -> str:
+    """What a store every worker sees needs: a shared filesystem for a local path, the AWS settings for a URL."""
+    if open_storage(where).path is None:
+        return ("every node needs AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (and "
+                "AWS_ALLOW_HTTP for an http endpoint) that reach it")
+    return "the store must be on a filesystem every node can see, at the same path"
 
 
 class CNTKSource:
@@ -60,7 +67,8 @@ class CNTKSource:
 
 
 class TileComputer:
-    """A started tile source and the open target array `name` of the Zarr group at target_path; computes tiles."""
+    """A started tile source and the open target array `name` of the Zarr group at target_path (a local path or URL);
+    computes tiles."""
 
     def __init__(self, source, target_path, name: str = "gram", backend: str = "cpu", threads: int | None = None):
         if threads:
@@ -68,10 +76,14 @@ class TileComputer:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         self.source = source
         self.source.start(backend)
-        if not (Path(target_path) / "zarr.json").is_file():
-            raise StoreNotShared(f"the worker on node {_node_id()} (host {socket.gethostname()}) finds no Zarr group "
-                                 f"at {target_path}: it must be on a filesystem every node can see, at the same path")
-        self.target = TiledArray(target_path, name, group=zarr.open_group(str(target_path), mode="r+"))
+        storage, where = open_storage(target_path), f"the worker on node {_node_id()} (host {socket.gethostname()})"
+        try:
+            found = storage.exists("zarr.json")
+        except StoreError as e:  # the object store cannot be reached from here
+            raise StoreNotShared(f"{where}: {e}") from None
+        if not found:
+            raise StoreNotShared(f"{where} finds no Zarr group at {target_path}: {_shared_hint(str(target_path))}")
+        self.target = TiledArray(storage, name, group=zarr.open_group(storage.zarr_store(read_only=False), mode="r+"))
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, bi: int, bj: int) -> dict:
@@ -89,7 +101,7 @@ class TileComputer:
 def _open_same_store(store_path, fingerprint: str | None) -> Store:
     """The store at store_path, checked to be the driver's (same manifest fingerprint) when fingerprint is given."""
     where = f"the worker on node {_node_id()} (host {socket.gethostname()})"
-    shared = "the store must be on a filesystem every node can see, at the same path"
+    shared = _shared_hint(store_path)
     try:
         store = open_store(store_path, mode="r")  # a tile source only reads; the target array is opened for writing
     except (StoreError, OSError) as e:

@@ -2,6 +2,7 @@
 stores and gateways do: for testing that mnkpipe detects such a server and refuses to lock a store on it."""
 
 import hashlib
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -38,6 +39,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self.objects.pop(self.path, None)
         self._reply(204)
+
+    def do_POST(self):
+        """DeleteObjects (POST /BUCKET?delete with <Key>s), which S3 clients use to delete even one object."""
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        bucket = self.path.split("?")[0]
+        keys = re.findall(r"<Key>(.*?)</Key>", body)
+        for key in keys:
+            self.objects.pop(f"{bucket}/{key}", None)
+        deleted = "".join(f"<Deleted><Key>{k}</Key></Deleted>" for k in keys)
+        self._reply(200, f"<DeleteResult>{deleted}</DeleteResult>".encode())
 
 
 def start_naive_s3() -> tuple[ThreadingHTTPServer, str]:

@@ -1,0 +1,165 @@
+"""A Gram store on S3: compute-kernel, status and verify [--repair] against a real SeaweedFS server
+(tests/support/seaweed.py), with real Ray workers, a real SIGKILL of the driver, and a local-disk run to compare."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import obstore
+import pytest
+from test_compute import fault_config, kill_group, wait_for
+
+from mnkpipe.pipeline.inspect import store_status, verify_store
+from mnkpipe.store import StoreError, open_store
+from mnkpipe.store.location import ObjectLock, object_store, parse_location
+from mnkpipe.workers.tile import CNTKSource, StoreNotShared, TileComputer
+from support.naive_s3 import start_naive_s3
+from support.seaweed import start_seaweed
+
+BUCKET = "mnkpipe-test"
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = start_seaweed(bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def env(s3, omniglot_root):
+    """The environment of the commands (the S3 server's AWS variables), also set in this process while the module
+    runs, so that store_status and open_store here reach the same server."""
+    extra = dict(s3.env(), MNKPIPE_DATA=str(omniglot_root), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    yield dict(os.environ)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def cli(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mnkpipe.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def start_driver(env, config, store) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mnkpipe.cli", "compute-kernel", "--config", str(config),
+                             "--store", str(store), "--cpus", "2", "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def tiles_done(store) -> int:
+    try:
+        return store_status(store)["tiles_done"]
+    except Exception:  # noqa: BLE001 - the store may not exist yet
+        return 0
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, env):
+    """The slow-tile experiment computed uninterrupted into a local folder: (config, Gram)."""
+    tmp = tmp_path_factory.mktemp("s3store")
+    cfg = fault_config(tmp)
+    r = cli(env, "compute-kernel", "--config", cfg, "--store", tmp / "local.zarr", "--cpus", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return cfg, open_store(tmp / "local.zarr").read_gram()
+
+
+def test_driver_sigkilled_mid_job_on_s3_then_rerun_gives_the_local_disk_gram(env, local_run):
+    cfg, gram = local_run
+    url = f"s3://{BUCKET}/runs/killed.zarr"
+    p = start_driver(env, cfg, url)
+    try:
+        assert wait_for(lambda: tiles_done(url) >= 2, timeout=180), "no tile written"
+    finally:
+        kill_group(p)
+    done = tiles_done(url)
+    assert 0 < done < 20, done
+    assert ObjectLock(parse_location(url)).owner()["pid"] == p.pid  # the killed driver's lock is left behind
+    r = cli(env, "compute-kernel", "--config", cfg, "--store", url, "--cpus", "2", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    computed, skipped = map(int, re.search(r"(\d+) tiles computed, (\d+) already done", r.stdout).groups())
+    assert skipped == done and computed == 20 - done
+    assert np.array_equal(open_store(url).read_gram(), gram, equal_nan=True)  # bit for bit
+    assert verify_store(url)["bad"] == [] and ObjectLock(parse_location(url)).owner() is None
+
+
+def test_two_drivers_racing_for_the_s3_lock_exactly_one_runs(env, local_run):
+    cfg, gram = local_run
+    url = f"s3://{BUCKET}/runs/raced.zarr"
+    procs = [start_driver(env, cfg, url) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p)
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] != 0, outs
+    loser = outs[[p.returncode for p in procs].index(codes[1])]
+    assert "being computed by another driver" in loser and "Traceback" not in loser, loser
+    assert np.array_equal(open_store(url).read_gram(), gram, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def smoke_url(env) -> str:
+    """The smoke experiment computed into S3 by the command line."""
+    url = f"s3://{BUCKET}/runs/smoke.zarr"
+    r = cli(env, "compute-kernel", "--config", SMOKE, "--store", url, "--cpus", "2", "--no-progress")
+    assert r.returncode == 0 and "59 tiles computed" in r.stdout, r.stderr
+    return url
+
+
+def test_status_verify_and_repair_on_s3(env, smoke_url):
+    url = smoke_url
+    store = open_store(url)
+    gram, tiles = store.read_gram(), store.planned_tiles()
+    r = cli(env, "status", url)
+    assert r.returncode == 0 and "59 / 59 done" in r.stdout and url in r.stdout, r.stderr
+    objects, (a, b) = object_store(parse_location(url)), (tiles[1], tiles[-1])
+    obstore.put(objects, f"gram/c/{a[0]}/{a[1]}", b"\0" * (8 * 8 * 8))  # a tile overwritten: same size, other bytes
+    obstore.delete(objects, f"gram/c/{b[0]}/{b[1]}")  # a tile lost
+    r = cli(env, "verify", url)
+    assert r.returncode == 1 and f"BAD tile {a}" in r.stdout and f"BAD tile {b}" in r.stdout, r.stdout
+    r = cli(env, "verify", "--repair", "--cpus", "2", url)
+    assert r.returncode == 0 and "repaired: 2 tiles recomputed" in r.stdout, r.stdout + r.stderr
+    assert cli(env, "verify", url).returncode == 0
+    assert np.array_equal(open_store(url).read_gram(), gram, equal_nan=True)
+
+
+def test_a_server_ignoring_conditional_writes_is_refused_and_nothing_is_written(env):
+    server, endpoint = start_naive_s3()
+    try:
+        r = cli(dict(env, AWS_ENDPOINT_URL=endpoint), "compute-kernel", "--config", SMOKE,
+                "--store", "s3://plain/runs/x.zarr", "--cpus", "1")
+    finally:
+        server.shutdown()
+    assert r.returncode == 1 and "ignores conditional writes" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert server.RequestHandlerClass.objects == {}
+
+
+def test_an_unreachable_object_store_is_one_line_naming_the_url(env):
+    bad = dict(env, AWS_ENDPOINT_URL="http://127.0.0.1:9")  # nothing listens on the discard port
+    for args in (["status", f"s3://{BUCKET}/runs/smoke.zarr"],
+                 ["compute-kernel", "--config", SMOKE, "--store", f"s3://{BUCKET}/runs/y.zarr"]):
+        r = cli(bad, *args)
+        assert r.returncode == 1 and f"s3://{BUCKET}/runs/" in r.stderr and "AWS_ENDPOINT_URL" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_worker_that_cannot_reach_the_store_names_its_host_and_the_url(smoke_url, monkeypatch):
+    url = smoke_url
+    fingerprint = open_store(url).manifest["fingerprint"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StoreNotShared, match=re.escape(url)) as e:
+        TileComputer(CNTKSource(url, fingerprint), url)
+    assert "AWS_ACCESS_KEY_ID" in str(e.value) and isinstance(e.value, StoreError)
