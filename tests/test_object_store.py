@@ -148,8 +148,9 @@ def test_probe_refuses_a_server_that_ignores_conditional_writes(monkeypatch):
 @pytest.mark.parametrize("command", [["compute-kernel", "--config", "configs/smoke.toml", "--store"], ["status"],
                                      ["verify"], ["evaluate", "--store"], ["report", "--store"]])
 def test_a_url_store_is_never_a_local_folder(tmp_path, command, url):
-    """Until the Zarr layout lives on object storage, every command refuses a URL --store by name (before, s3://...
-    made a local folder named `s3:`), writing nothing."""
+    """A URL --store never becomes a local folder (before, s3://... made one named `s3:`): a scheme not supported,
+    and s3:// for evaluate and report, are refused by name; compute-kernel, status and verify, which take s3://,
+    name the URL they cannot reach (no server here). Nothing is written."""
     from click.testing import CliRunner
 
     from mnkpipe.cli import main
