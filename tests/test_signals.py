@@ -36,14 +36,14 @@ if moment == "ray-init":  # inside ray.init: the private instance is starting
     ray.init = init
 elif moment == "ray-down":  # just after Ray was shut down: results are being written
     import mnkpipe.evaluation.evaluate as ev
-    import mnkpipe.pipeline.driver as driver
+    import mnkpipe.pipeline.executors as executors
     import mnkpipe.pipeline.ray_session as rs
     real_stop = rs.stop_ray
     def stop_ray():
         real_stop()
         mark(moment)
         time.sleep(5)
-    rs.stop_ray = driver.stop_ray = ev.stop_ray = stop_ray
+    rs.stop_ray = executors.stop_ray = ev.stop_ray = stop_ray
 elif moment == "save":  # a checkpoint's temporary file is written, not yet renamed
     import torch
     real_save = torch.save
