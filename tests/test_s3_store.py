@@ -3,15 +3,19 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import obstore
 import pytest
+from conftest import free_port, kill_processes, ray_processes
 from test_compute import fault_config, kill_group, wait_for
+from test_ray_cluster import RAY, node_ids, start_node
 
 from mnkpipe.pipeline.inspect import store_status, verify_store
 from mnkpipe.store import StoreError, open_store
@@ -163,3 +167,36 @@ def test_a_worker_that_cannot_reach_the_store_names_its_host_and_the_url(smoke_u
     with pytest.raises(StoreNotShared, match=re.escape(url)) as e:
         TileComputer(CNTKSource(url, fingerprint), url)
     assert "AWS_ACCESS_KEY_ID" in str(e.value) and isinstance(e.value, StoreError)
+
+
+def test_a_second_node_without_the_drivers_files_computes_into_s3(env, smoke_url, tmp_path):
+    """A two-node Ray cluster whose second node runs in a mount namespace of its own, where the driver's working
+    folder (its config, its files) is an empty tmpfs: the store on S3 is all the workers share."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -m` (root or user namespaces) to give a node its own view of the filesystem")
+    work = tmp_path / "driver"
+    work.mkdir()
+    shutil.copy(SMOKE, work / "smoke.toml")
+    node_env = dict(env, PYTHONPATH=str(SMOKE.parents[1]))
+    temp_dir = tempfile.mkdtemp(prefix="mnkray", dir="/tmp")  # short: Ray's socket paths live under it
+    port, nodes = free_port(), []
+    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    try:
+        nodes.append(start_node([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common,
+                                 f"--dashboard-agent-listen-port={free_port()}", "--block"], node_env,
+                                Path(temp_dir) / "head.log"))
+        hidden = (f"mount -t tmpfs none {work} && exec {RAY} start --address=127.0.0.1:{port} {' '.join(common)} "
+                  f"--dashboard-agent-listen-port={free_port()} --block")
+        nodes.append(start_node(["unshare", "-m", "--propagation", "private", "sh", "-c", hidden], node_env,
+                                Path(temp_dir) / "node.log"))
+        (private_node,) = node_ids(nodes[1:])
+        url = f"s3://{BUCKET}/runs/cluster.zarr"
+        r = subprocess.run([sys.executable, "-m", "mnkpipe.cli", "compute-kernel", "--config", "smoke.toml",
+                            "--store", url, "--address", f"127.0.0.1:{port}", "--no-progress"], env=node_env,
+                           cwd=work, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_processes(ray_processes(nodes))  # by pid only
+    assert r.returncode == 0, r.stderr
+    used = {w["node"] for w in store_status(url)["workers"].values()}
+    assert len(used) == 2 and private_node in used, (used, private_node)
+    assert np.array_equal(open_store(url).read_gram(), open_store(smoke_url).read_gram(), equal_nan=True)
