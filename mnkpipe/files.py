@@ -36,6 +36,9 @@ class DiskFull(OSError):
     def __init__(self, folder):
         super().__init__(errno.ENOSPC, "No space left on device", str(folder))
 
+    def __reduce__(self):  # rebuilt from the folder alone (Ray sends a worker's errors to the driver pickled)
+        return DiskFull, (self.filename,)
+
     def __str__(self):
         return (f"the disk holding {self.filename} is full: free space there and rerun the same command "
                 "(finished work is kept)")

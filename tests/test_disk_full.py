@@ -49,7 +49,8 @@ def computed_smoke(tmp_path_factory, omniglot_root):
     return store
 
 
-@pytest.mark.parametrize("command", [["baselines", "--meta-steps", "4", "--methods", "maml"]])
+@pytest.mark.parametrize("command", [["evaluate", "--augment", "1,2", "--cpus", "2"],
+                                     ["baselines", "--meta-steps", "4", "--methods", "maml"]])
 def test_disk_full_while_writing_results_names_the_folder(small_disk, computed_smoke, command):
     out = small_disk / "results"
     r = CliRunner().invoke(main, [command[0], "--store", str(computed_smoke), "--out", str(out), "--no-progress",

@@ -171,13 +171,14 @@ def local_gpus() -> int:
 def explain(e: Exception) -> str:
     """A Ray error in one or two sentences: what happened and what to run next."""
     import ray.exceptions as rx
+    from ..files import DiskFull
     from ..store import StoreError
     if isinstance(e, NodeLost):
         return f"{e} (killed, or out of memory?). {RERUN}"
     if isinstance(e, rx.RayTaskError):
         cause = e.cause if isinstance(e.cause, Exception) else e
-        if isinstance(cause, StoreError):  # ours, already in words (a worker that does not see the store)
-            return str(cause)
+        if isinstance(cause, (StoreError, DiskFull)):  # ours, already in words (a worker that does not see the
+            return str(cause)  # store, a full disk under the target)
         return f"a worker failed: {type(cause).__name__}: {_first_line(cause)}. {RERUN}"
     if isinstance(e, rx.NodeDiedError) or ("node" in str(e).lower() and "dead" in str(e).lower()):
         return f"a Ray node died (lost its raylet, or was declared dead under load). {RERUN}"

@@ -6,6 +6,7 @@ A tile source is a picklable object with two methods, called in the worker proce
 CNTKSource (below) gives the base kernel of a store's images; evaluation/ defines the meta-kernel source.
 """
 
+import errno
 import os
 import resource
 import socket
@@ -15,6 +16,7 @@ import numpy as np
 import zarr
 
 from .. import __version__
+from ..files import DiskFull
 from ..store import Store, StoreError, TiledArray, open_storage, open_store
 
 WORKER_RESTARTS = 3  # restarts of one worker process before its actor is dead and the driver restarts Ray
@@ -91,7 +93,12 @@ class TileComputer:
         t0 = time.perf_counter()
         tile, read = self.source.tile(self.target.block_range(bi), self.target.block_range(bj))
         t1 = time.perf_counter()
-        crc = self.target.write_tile(bi, bj, tile)
+        try:
+            crc = self.target.write_tile(bi, bj, tile)
+        except OSError as e:  # zarr's ENOSPC names no file: name the target's folder
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(self.target.path) from None
+            raise
         t2 = time.perf_counter()
         return {"tile": (bi, bj), "name": self.target.name, "crc32": crc, "read_s": read,
                 "compute_s": t1 - t0 - read, "write_s": t2 - t1, "worker": self.worker_id, "node": _node_id(),
