@@ -32,6 +32,7 @@ class Store:
             raise StoreError(f"no mnkpipe store at {self.path} (no zarr.json); "
                              "create one with `mnkpipe compute-kernel`")
         self.root = zarr.open_group(self.storage.zarr_store(read_only=mode == "r"), mode=mode)
+        self._arrays = {}
         self.manifest = dict(self.root.attrs.get("manifest", {}))
         if not self.manifest and self.storage.exists(CREATION_MARKER):
             raise StoreError(f"{self.path} is an mnkpipe store being created, or whose creation was interrupted: "
@@ -89,7 +90,10 @@ class Store:
         return self.storage.remove_partials(folders)
 
     def array(self, name: str):
-        return self.root[name]
+        """The Zarr array `name`, opened once (each open reads its metadata: a request on object storage)."""
+        if name not in self._arrays:
+            self._arrays[name] = self.root[name]
+        return self._arrays[name]
 
     def planned_tiles(self, name: str = "gram") -> list[tuple[int, int]]:
         """Upper-triangle tiles (bi <= bj) the plan asks for, row-major."""
@@ -108,10 +112,10 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------------------------
     def images(self, idx=slice(None)) -> np.ndarray:
-        return self.root["images"][idx]
+        return self.array("images")[idx]
 
     def scales(self, idx=slice(None)) -> np.ndarray:
-        return self.root["scales"][idx]
+        return self.array("scales")[idx]
 
     def episodes(self):
         from ..data import EpisodeSet

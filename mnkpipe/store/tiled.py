@@ -66,6 +66,7 @@ class TiledArray:
             if part not in self.group:
                 raise StoreError(f"{self.path} holds no tiled array {name!r} (no {part!r} array)")
         self.array = self.group[name]
+        self.crc = self.group[f"{name}_crc32"]  # opened once: each open reads metadata (a request on object storage)
         self.repair_hint = repair_hint
         self.plan_record = plan_record  # plan_digest of the plan as created; None: not recorded (not checked)
 
@@ -111,7 +112,7 @@ class TiledArray:
     def records(self) -> np.ndarray:
         """(n_blocks, n_blocks) int64: the CRC32 of each done tile, RECORD_FILL where not done, RECORD_REPAIR where
         found bad and not recomputed yet."""
-        return self.group[f"{self.name}_crc32"][...]
+        return self.crc[...]
 
     def chunk_key(self, bi: int, bj: int) -> str:
         return f"{self.name}/c/{bi}/{bj}"
@@ -146,7 +147,7 @@ class TiledArray:
     def read_tile(self, bi: int, bj: int) -> np.ndarray:
         """Tile (bi, bj) as stored, checked against its CRC record; all NaN when it has no record (not done)."""
         rows, cols = self.block_range(bi), self.block_range(bj)
-        rec = int(self.group[f"{self.name}_crc32"][bi, bj])
+        rec = int(self.crc[bi, bj])
         if rec < 0:
             return np.full((rows.stop - rows.start, cols.stop - cols.start), np.nan, self.array.dtype)
         try:
@@ -184,16 +185,16 @@ class TiledArray:
         self.array[self.block_range(bi), self.block_range(bj)] = tile
         self.storage.sync(self.chunk_key(bi, bj))
         crc = tile_crc(tile)
-        self.group[f"{self.name}_crc32"][bi, bj] = crc
+        self.crc[bi, bj] = crc
         self.storage.sync(self.record_key(bi, bj))
         return crc
 
     def clear_record(self, bi: int, bj: int) -> None:
-        self.group[f"{self.name}_crc32"][bi, bj] = RECORD_FILL
+        self.crc[bi, bj] = RECORD_FILL
 
     def mark_for_repair(self, bi: int, bj: int) -> None:
         """Record tile (bi, bj) as bad (durably): not done, and recomputed by the next repair even if this one dies."""
-        self.group[f"{self.name}_crc32"][bi, bj] = RECORD_REPAIR
+        self.crc[bi, bj] = RECORD_REPAIR
         self.storage.sync(self.record_key(bi, bj))
 
     def tiles_to_repair(self) -> list[tuple[int, int]]:
