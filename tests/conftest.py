@@ -25,6 +25,16 @@ def omniglot_root() -> Path:
     return data_root()
 
 
+@pytest.fixture(scope="session")
+def shared_smoke_store(tmp_path_factory, omniglot_root) -> Path:
+    """configs/smoke.toml's store, computed once per session for the tests that only read it (never write into it:
+    evaluate and baselines write under their own --out)."""
+    from mnkpipe.pipeline.driver import compute_kernel
+    path = tmp_path_factory.mktemp("shared") / "smoke.zarr"
+    compute_kernel(REPO / "configs" / "smoke.toml", path, data=str(omniglot_root), cpus=2, progress=False)
+    return path
+
+
 GOLDEN = REPO / "tests" / "data" / "cntk_neural_tangents.npz"
 
 

@@ -40,20 +40,11 @@ def test_disk_full_while_creating_a_store_names_it_and_a_rerun_rebuilds(small_di
     assert not (store / CREATION_MARKER).exists() and open_store(store).missing_tiles() == []
 
 
-@pytest.fixture(scope="module")
-def computed_smoke(tmp_path_factory, omniglot_root):
-    store = tmp_path_factory.mktemp("full") / "smoke.zarr"
-    r = CliRunner().invoke(main, ["compute-kernel", "--config", str(SMOKE), "--store", str(store), "--data",
-                                  str(omniglot_root), "--cpus", "2", "--no-progress"])
-    assert r.exit_code == 0, r.output
-    return store
-
-
 @pytest.mark.parametrize("command", [["evaluate", "--augment", "1,2", "--cpus", "2"],
                                      ["baselines", "--meta-steps", "4", "--methods", "maml"]])
-def test_disk_full_while_writing_results_names_the_folder(small_disk, computed_smoke, command):
+def test_disk_full_while_writing_results_names_the_folder(small_disk, shared_smoke_store, command):
     out = small_disk / "results"
-    r = CliRunner().invoke(main, [command[0], "--store", str(computed_smoke), "--out", str(out), "--no-progress",
+    r = CliRunner().invoke(main, [command[0], "--store", str(shared_smoke_store), "--out", str(out), "--no-progress",
                                   *command[1:]])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output

@@ -1,6 +1,5 @@
 """Label mode random_embedding: the [embedding] extractor untrained (0 epochs), beside the trained one."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,35 +8,22 @@ from mnkpipe.baselines.extractor import EmbeddingSettings, train_extractor
 from mnkpipe.evaluation.evaluate import evaluate
 from mnkpipe.evaluation.labels import extractor_training_set
 from mnkpipe.evaluation.protocol import train_subsets
-from mnkpipe.pipeline.driver import compute_kernel
 from mnkpipe.store import open_store
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, omniglot_root):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MNKPIPE_DATA", str(omniglot_root))
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    path = tmp_path_factory.mktemp("random_embedding") / "smoke.zarr"
-    compute_kernel(REPO / "configs" / "smoke.toml", path, cpus=2, progress=False)
-    yield path
-    mp.undo()
-
-
-def test_random_embedding_rows_come_from_the_untrained_extractor(smoke, tmp_path):
+def test_random_embedding_rows_come_from_the_untrained_extractor(shared_smoke_store, tmp_path):
     cfg = tmp_path / "emb.toml"
     cfg.write_text("[embedding]\nchannels = 8\nblocks = 2\nepochs = 3\nbatch = 4\nlr = 0.01\n")
-    r = evaluate(smoke, out=tmp_path / "res", config=cfg, labels=["embedding", "random_embedding"], train_counts=[2],
-                 seeds=1, augment=[1], cpus=2, progress=False)["methods"]
+    r = evaluate(shared_smoke_store, out=tmp_path / "res", config=cfg, labels=["embedding", "random_embedding"],
+                 train_counts=[2], seeds=1, augment=[1], cpus=2, progress=False)["methods"]
     for m in ("mnk", "meta_term"):
         assert f"{m}/random_embedding/K1" in r and f"{m}/embedding/K1" in r
     assert r["r_t/random_embedding"]["hyperparameters"]["embedding"]["epochs"] == 0
     assert r["r_t/embedding"]["hyperparameters"]["embedding"]["epochs"] == 3
     assert (tmp_path / "res" / "results.md").read_text().count("random_embedding labels") >= 3
     # the untrained extractor is the seed's initial network with the training images' BatchNorm statistics
-    store = open_store(smoke)
+    store = open_store(shared_smoke_store)
     train = store.episodes().train.subset(train_subsets(store.episodes().train.n_tasks, [2], 0)[2])
     idx, classes = extractor_training_set(train)
     settings = EmbeddingSettings(channels=8, blocks=2, epochs=0, batch=4, lr=0.01)

@@ -2,7 +2,6 @@
 against brute force, and evaluate's -valridge records against evaluate runs at each fixed ridge."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,28 +12,15 @@ from mnkpipe.evaluation.evaluate import choose_ridge, evaluate
 from mnkpipe.evaluation.phi import CachedGram
 from mnkpipe.evaluation.validation import WithValidation, validation_kernel, validation_kernel_path
 from mnkpipe.kernels import cntk, mnk
-from mnkpipe.pipeline.driver import compute_kernel
 from mnkpipe.store import open_store
 
 from support.numerics import rel_err
 
-REPO = Path(__file__).resolve().parents[1]
 GRID = (1e-5, 0.3)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, omniglot_root):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MNKPIPE_DATA", str(omniglot_root))
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    path = tmp_path_factory.mktemp("valridge") / "smoke.zarr"
-    compute_kernel(REPO / "configs" / "smoke.toml", path, cpus=2, progress=False)
-    yield path
-    mp.undo()
-
-
-def test_validation_reader_equals_the_cntk_of_the_images(smoke, tmp_path):
-    store = open_store(smoke)
+def test_validation_reader_equals_the_cntk_of_the_images(shared_smoke_store, tmp_path):
+    store = open_store(shared_smoke_store)
     vk = validation_kernel(tmp_path, store, progress=False)
     assert validation_kernel_path(tmp_path, store).is_file()
     kb = WithValidation(CachedGram(store), store.n, vk)
@@ -74,12 +60,13 @@ def r_t_validation_accuracy(store, ridge: float) -> float:
     return float(np.mean(accs))
 
 
-def test_evaluate_ridge_grid_reports_the_test_accuracy_at_the_validation_choice(smoke, tmp_path):
-    store = open_store(smoke)
+def test_evaluate_ridge_grid_reports_the_test_accuracy_at_the_validation_choice(shared_smoke_store, tmp_path):
+    store = open_store(shared_smoke_store)
     common = dict(train_counts=[1, 4], seeds=2, augment=[1], cpus=2, progress=False)
-    r = evaluate(smoke, out=tmp_path / "grid", ridge_grid=GRID, **common)
-    fixed = {g: evaluate(smoke, out=tmp_path / f"fixed{g}", ridge=g, **common)["methods"] for g in GRID}
-    assert (tmp_path / "grid" / "validation").is_dir() and not (smoke / "validation").exists()
+    r = evaluate(shared_smoke_store, out=tmp_path / "grid", ridge_grid=GRID, **common)
+    fixed = {g: evaluate(shared_smoke_store, out=tmp_path / f"fixed{g}", ridge=g, **common)["methods"]
+             for g in GRID}
+    assert (tmp_path / "grid" / "validation").is_dir() and not (shared_smoke_store / "validation").exists()
     for key in ("mnk/onehot/K1", "meta_term/onehot/K1", "r_t/onehot"):
         method, _, rest = key.partition("/")
         rec = r["methods"][f"{method}-valridge/{rest}"]
@@ -101,10 +88,10 @@ def test_evaluate_ridge_grid_reports_the_test_accuracy_at_the_validation_choice(
     assert "ridge chosen on validation tasks" in (tmp_path / "grid" / "results.md").read_text()
 
 
-def test_ridge_grid_errors_name_the_option(smoke, tmp_path):
-    res = CliRunner().invoke(main, ["evaluate", "--store", str(smoke), "--out", str(tmp_path / "o"),
+def test_ridge_grid_errors_name_the_option(shared_smoke_store, tmp_path):
+    res = CliRunner().invoke(main, ["evaluate", "--store", str(shared_smoke_store), "--out", str(tmp_path / "o"),
                                     "--ridge-grid", "1e-3,0"])
     assert res.exit_code == 2 and "--ridge-grid" in res.output and "finite and > 0" in res.output
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="--ridge-grid"):
-        evaluate(smoke, out=tmp_path / "o", ridge_grid=[float("nan")])
+        evaluate(shared_smoke_store, out=tmp_path / "o", ridge_grid=[float("nan")])
