@@ -90,6 +90,9 @@ def test_driver_sigkilled_mid_job_on_s3_then_rerun_gives_the_local_disk_gram(env
     done = tiles_done(url)
     assert 0 < done < 20, done
     assert ObjectLock(parse_location(url)).owner()["pid"] == p.pid  # the killed driver's lock is left behind
+    r = cli(env, "status", url)
+    assert r.returncode == 0 and f"{done} / 20 done" in r.stdout and f"pid {p.pid}" in r.stdout, r.stdout
+    assert "NOT running: stale lock" in r.stdout, r.stdout
     r = cli(env, "compute-kernel", "--config", cfg, "--store", url, "--cpus", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
     computed, skipped = map(int, re.search(r"(\d+) tiles computed, (\d+) already done", r.stdout).groups())

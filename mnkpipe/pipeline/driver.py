@@ -1,4 +1,5 @@
-"""The driver: create or check the store, then dispatch its missing tiles to Ray workers and track progress."""
+"""The driver: create or check the store (local or on S3), then compute its missing tiles with an executor
+(pipeline/executors.py: Ray workers by default) and track progress."""
 
 import errno
 import os
