@@ -203,3 +203,26 @@ def test_a_second_node_without_the_drivers_files_computes_into_s3(env, smoke_url
     used = {w["node"] for w in store_status(url)["workers"].values()}
     assert len(used) == 2 and private_node in used, (used, private_node)
     assert np.array_equal(open_store(url).read_gram(), open_store(smoke_url).read_gram(), equal_nan=True)
+
+
+def test_read_only_credentials_status_and_verify_and_nothing_else(env, s3, smoke_url):
+    objects = object_store(parse_location(smoke_url), prefix="")
+    before = {o["path"]: o["e_tag"] for batch in obstore.list(objects) for o in batch}
+    reader = dict(env, **s3.env("reader"))
+    r = cli(reader, "status", smoke_url)
+    assert r.returncode == 0 and "59 / 59 done" in r.stdout, r.stdout + r.stderr
+    r = cli(reader, "verify", smoke_url)
+    assert r.returncode == 0 and "59 done tiles checked, 0 bad" in r.stdout, r.stdout + r.stderr
+    for args in (["verify", "--repair", "--cpus", "1", smoke_url],
+                 ["compute-kernel", "--config", SMOKE, "--store", smoke_url, "--cpus", "1"]):
+        r = cli(reader, *args)
+        assert r.returncode == 1 and smoke_url in r.stderr and "PermissionDenied" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {o["path"]: o["e_tag"] for batch in obstore.list(objects) for o in batch} == before
+
+
+@pytest.mark.parametrize("url", ["s3://ab/runs/x.zarr", "s3://My_Bucket/runs/x.zarr", "s3://-bucket/x.zarr"])
+def test_a_bucket_name_s3_does_not_allow_is_refused_naming_it(url):
+    """SeaweedFS takes objects into a bucket named `ab` but lists none of them back: status read 0 tiles done."""
+    with pytest.raises(StoreError, match="bucket name"):
+        parse_location(url)

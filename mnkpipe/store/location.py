@@ -19,6 +19,8 @@ from .errors import StoreError
 
 SUPPORTED = "a local path or s3://BUCKET/PREFIX"
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's rule: 3 to 63 of these, a letter or digit at
+# each end (a server may take objects into a bucket named otherwise and list none of them back)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ def parse_location(text) -> Location:
     if not bucket or not prefix:
         raise StoreError(f"--store {text}: an object store needs a bucket and a prefix inside it, "
                          "e.g. s3://my-bucket/runs/omniglot.zarr")
+    if not BUCKET_NAME.match(bucket):
+        raise StoreError(f"--store {text}: {bucket!r} is not a bucket name S3 allows (3 to 63 lowercase letters, "
+                         "digits, dots and hyphens, a letter or digit at each end)")
     return Location(f"s3://{bucket}/{prefix}", bucket=bucket, prefix=prefix)
 
 
@@ -87,8 +92,9 @@ def zarr_store(loc: Location, read_only: bool = True):
 
 
 def describe_unreachable(loc: Location, err: Exception) -> str:
-    """One line naming this host and the URL, for a process that cannot reach the object store."""
-    return (f"host {socket.gethostname()} cannot reach {loc.url} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+    """One line naming this host and the URL, for a process that cannot reach the object store or is refused by it."""
+    return (f"host {socket.gethostname()} cannot reach or use {loc.url} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); "
             "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ALLOW_HTTP there")
 
 
