@@ -17,8 +17,10 @@ from conftest import free_port, kill_processes, ray_processes
 from test_compute import fault_config, kill_group, wait_for
 from test_ray_cluster import RAY, node_ids, start_node
 
+from mnkpipe.pipeline.driver import compute_kernel
+from mnkpipe.pipeline.executors import LocalExecutor
 from mnkpipe.pipeline.inspect import store_status, verify_store
-from mnkpipe.store import StoreError, open_store
+from mnkpipe.store import CREATION_MARKER, StoreError, open_store
 from mnkpipe.store.location import ObjectLock, object_store, parse_location
 from mnkpipe.workers.tile import CNTKSource, StoreNotShared, TileComputer
 from support.naive_s3 import start_naive_s3
@@ -226,3 +228,17 @@ def test_a_bucket_name_s3_does_not_allow_is_refused_naming_it(url):
     """SeaweedFS takes objects into a bucket named `ab` but lists none of them back: status read 0 tiles done."""
     with pytest.raises(StoreError, match="bucket name"):
         parse_location(url)
+
+
+def test_on_s3_only_an_interrupted_creation_is_rebuilt_and_other_objects_are_refused_untouched(env, omniglot_root):
+    foreign, crashed = f"s3://{BUCKET}/runs/notes.zarr", f"s3://{BUCKET}/runs/crashed.zarr"
+    obstore.put(object_store(parse_location(foreign)), "notes.txt", b"mine")
+    with pytest.raises(StoreError, match="prefix not made by mnkpipe"):
+        compute_kernel(SMOKE, foreign, data=str(omniglot_root), progress=False, executor=LocalExecutor())
+    assert [o["path"] for b in obstore.list(object_store(parse_location(foreign))) for o in b] == ["notes.txt"]
+    leftovers = object_store(parse_location(crashed))
+    obstore.put(leftovers, CREATION_MARKER, b"")  # a creation killed after its first arrays
+    obstore.put(leftovers, "images/c/0/0/0/0", b"half")
+    s = compute_kernel(SMOKE, crashed, data=str(omniglot_root), progress=False, executor=LocalExecutor())
+    assert s["tiles_computed"] == 59 and verify_store(crashed)["bad"] == []
+    assert not open_store(crashed).storage.exists(CREATION_MARKER)
