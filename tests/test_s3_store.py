@@ -176,7 +176,8 @@ def test_a_worker_that_cannot_reach_the_store_names_its_host_and_the_url(smoke_u
 
 def test_a_second_node_without_the_drivers_files_computes_into_s3(env, smoke_url, tmp_path):
     """A two-node Ray cluster whose second node runs in a mount namespace of its own, where the driver's working
-    folder (its config, its files) is an empty tmpfs: the store on S3 is all the workers share."""
+    folder (its config, its files) is an empty tmpfs: the store on S3 is all the workers share. Then a third node
+    joins with a wrong secret key: the next job stops with one line naming that node and the URL."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs `unshare -m` (root or user namespaces) to give a node its own view of the filesystem")
     work = tmp_path / "driver"
@@ -196,15 +197,25 @@ def test_a_second_node_without_the_drivers_files_computes_into_s3(env, smoke_url
                                 Path(temp_dir) / "node.log"))
         (private_node,) = node_ids(nodes[1:])
         url = f"s3://{BUCKET}/runs/cluster.zarr"
-        r = subprocess.run([sys.executable, "-m", "mnkpipe.cli", "compute-kernel", "--config", "smoke.toml",
-                            "--store", url, "--address", f"127.0.0.1:{port}", "--no-progress"], env=node_env,
-                           cwd=work, capture_output=True, text=True, timeout=600)
+        args = [sys.executable, "-m", "mnkpipe.cli", "compute-kernel", "--config", "smoke.toml", "--store", url,
+                "--address", f"127.0.0.1:{port}", "--no-progress"]
+        r = subprocess.run(args, env=node_env, cwd=work, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        used = {w["node"] for w in store_status(url)["workers"].values()}
+        assert len(used) == 2 and private_node in used, (used, private_node)
+        assert np.array_equal(open_store(url).read_gram(), open_store(smoke_url).read_gram(), equal_nan=True)
+        nodes.append(start_node([RAY, "start", f"--address=127.0.0.1:{port}", *common,
+                                 f"--dashboard-agent-listen-port={free_port()}", "--block"],
+                                dict(node_env, AWS_SECRET_ACCESS_KEY="not-the-secret"), Path(temp_dir) / "bad.log"))
+        (bad_node,) = node_ids(nodes[2:])
+        bad_url = f"s3://{BUCKET}/runs/cluster-bad.zarr"
+        r = subprocess.run([*args[:7], bad_url, *args[8:]], env=node_env, cwd=work, capture_output=True, text=True,
+                           timeout=600)
     finally:
         kill_processes(ray_processes(nodes))  # by pid only
-    assert r.returncode == 0, r.stderr
-    used = {w["node"] for w in store_status(url)["workers"].values()}
-    assert len(used) == 2 and private_node in used, (used, private_node)
-    assert np.array_equal(open_store(url).read_gram(), open_store(smoke_url).read_gram(), equal_nan=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"the worker on node {bad_node}" in r.stderr and bad_url in r.stderr, r.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_read_only_credentials_status_and_verify_and_nothing_else(env, s3, smoke_url):
