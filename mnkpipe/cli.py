@@ -5,6 +5,7 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 import click
 
@@ -69,13 +70,24 @@ class _Commands(click.Group):
             if main_thread:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
+    def make_context(self, *args, **kwargs):  # the group's own arguments are parsed outside any command
+        with _stops():
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx):
-        try:
+        with _stops():
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            _stop("Interrupted (Ctrl-C)", 130)
-        except _Terminated:
-            _stop("Stopped (SIGTERM)", 143)
+
+
+@contextmanager
+def _stops():
+    """Ctrl-C and SIGTERM inside the block: the one-line stop with exit 130 / 143."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stop("Interrupted (Ctrl-C)", 130)
+    except _Terminated:
+        _stop("Stopped (SIGTERM)", 143)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

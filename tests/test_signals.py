@@ -53,6 +53,16 @@ elif moment == "save":  # a checkpoint's temporary file is written, not yet rena
         time.sleep(5)
     torch.save = save
 from mnkpipe.cli import main
+if moment in ("parse-group", "parse-command"):  # inside click's parsing of the group's or the command's arguments
+    import click
+    real_parse = click.Group.parse_args if moment == "parse-group" else click.Command.parse_args
+    def parse_args(self, ctx, args):
+        if moment == "parse-command" and isinstance(self, click.Group):
+            return real_parse(self, ctx, args)
+        mark(moment)
+        time.sleep(5)
+        return real_parse(self, ctx, args)
+    setattr(click.Group if moment == "parse-group" else click.Command, "parse_args", parse_args)
 mark("start")
 main(prog_name="mnkpipe")
 """
@@ -149,6 +159,15 @@ def test_baselines_stop_cleanly_and_leave_no_temporary_checkpoint(tmp_path, env,
     out = tmp_path / "results"
     r = interrupt(["baselines", "--store", smoke_store, "--out", out, "--methods", "maml", "--meta-steps", "2",
                    "--train-tasks", "1", "--device", "cpu", "--no-progress"], moment, sig, env, tmp_path)
+    assert_stopped(r, sig, tmp_path)
+
+
+@pytest.mark.parametrize("moment", ["parse-group", "parse-command"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_arguments_are_parsed_is_one_line(tmp_path, env, moment, sig):
+    """Click parses the group's arguments outside any command (Ctrl-C there printed "Aborted!" with exit 1, SIGTERM
+    a traceback)."""
+    r = interrupt(["status", tmp_path], moment, sig, env, tmp_path)
     assert_stopped(r, sig, tmp_path)
 
 
