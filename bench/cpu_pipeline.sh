@@ -17,15 +17,15 @@ log="$OUT/timings.txt"; : > "$log"
 stage() { local name=$1; shift; local t0=$(date +%s); "$@"; echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$log"; }
 stage compute-kernel $BIN/mnkpipe compute-kernel --config $CFG --store "$STORE" --no-progress
 chmod -R a-w "$STORE"
-COMMON=(--store "$STORE" --config $CFG --augment 1,15 --seeds "$SEEDS" --train-tasks 1,2,4,8,16 --out "$OUT")
-# fixed ridge 1e-5 and the ridge chosen on the validation tasks (rows <method>-valridge)
-stage evaluate $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,embedding --ridge-grid 1e-5,1e-3,1e-2,1e-1 \
-  --no-progress
-# the authors' placement of the ridge (rows <method>-authors), and the untrained extractor's embedding as labels
-stage evaluate-authors $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,embedding --conventions authors \
-  --no-progress
-stage evaluate-random $BIN/mnkpipe evaluate "${COMMON[@]}" --labels random_embedding --methods mnk,meta_term,r_t \
-  --ridge-grid 1e-5,1e-3,1e-2,1e-1 --no-progress  # the meta-kernel arrays of the first stage are reused
+COMMON=(--store "$STORE" --config $CFG --seeds "$SEEDS" --train-tasks 1,2,4,8,16 --out "$OUT" --no-progress)
+# every method, label mode (trained and untrained extractor) and K at the fixed ridge 1e-5
+stage evaluate $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,embedding,random_embedding --augment 1,15
+# the authors' placement of the ridge (rows <method>-authors), K = 1
+stage evaluate-authors $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,embedding --augment 1 --conventions authors
+# the ridge chosen on the validation tasks (rows <method>-valridge), K = 1: each grid ridge needs its own
+# meta-kernel arrays, which for K = 15 (25 arrays of up to 6000 x 6000 per ridge) this machine could not afford
+stage evaluate-valridge $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,embedding,random_embedding --augment 1 \
+  --ridge-grid 1e-5,1e-3,1e-2,1e-1
 stage baselines $BIN/mnkpipe baselines --store "$STORE" --config $CFG --seeds "$SEEDS" --train-tasks 1,2,4,8,16 \
   --out "$OUT" --no-progress
 stage report $BIN/mnkpipe report --out "$OUT"
