@@ -73,6 +73,9 @@ def start_ray(address: str | None, *, cpus: int | None = None, gpus: int = 0) ->
                 ray.init(address=_reachable(address), **RAY_OPTIONS)
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only instance of our own: no token
+                # Ray starts its workers at nice 15: then every process at the default 0 (this driver too, training
+                # an extractor beside its own meta-kernel workers) takes the CPUs from them (docs/benchmarks.md)
+                os.environ.setdefault("RAY_worker_niceness", "0")
                 ray.init(address="local", num_cpus=cpus or local_cpus(), num_gpus=gpus or None, **RAY_OPTIONS)
         except ConnectionError as e:
             raise RayFailure(f"could not join the Ray cluster at --address {address}: {e}") from None
