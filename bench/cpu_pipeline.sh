@@ -28,8 +28,10 @@ stage evaluate-valridge $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,emb
   --ridge-grid 1e-5,1e-3,1e-2,1e-1
 stage baselines $BIN/mnkpipe baselines --store "$STORE" --config $CFG --seeds "$SEEDS" --train-tasks 1,2,4,8,16 \
   --out "$OUT" --no-progress
-stage report $BIN/mnkpipe report --out "$OUT"
-$BIN/mnkpipe report --out "$OUT" --x characters > /dev/null && mv "$OUT/accuracy.png" "$OUT/accuracy_characters.png"
-$BIN/mnkpipe report --out "$OUT" > /dev/null
+PLOT=mnk/embedding/K15,mnk/embedding/K1,mnk/onehot/K15,mnk/random_embedding/K15,meta_term/embedding/K15,r_t/onehot
+PLOT=$PLOT,r_t/embedding,embedding_1nn,pixel_1nn,maml,maml-test-selected,imaml,imaml-test-selected
+stage report $BIN/mnkpipe report --out "$OUT" --x characters --plot-methods $PLOT
+mv "$OUT/accuracy.png" "$OUT/accuracy_characters.png"
+$BIN/mnkpipe report --out "$OUT" --plot-methods $PLOT > /dev/null
 rm -rf "$OUT/checkpoints" "$OUT/extractors" "$OUT/phi" "$OUT/validation"
 echo "total: $(awk '{s += $2} END {print s}' "$log") s" | tee -a "$log"

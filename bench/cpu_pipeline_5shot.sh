@@ -17,6 +17,7 @@ stage compute-kernel $BIN/mnkpipe compute-kernel --config $CFG --store "$STORE" 
 chmod -R a-w "$STORE"
 stage evaluate $BIN/mnkpipe evaluate --store "$STORE" --config $CFG --augment 1 --seeds "$SEEDS" \
   --train-tasks 1,2,4,8 --out "$OUT" --labels onehot,embedding --ridge-grid 1e-5,1e-3,1e-2,1e-1 --no-progress
-$BIN/mnkpipe report --out "$OUT" > /dev/null
+$BIN/mnkpipe report --out "$OUT" > /dev/null --plot-methods \
+  mnk/embedding/K1,mnk/onehot/K1,mnk-valridge/embedding/K1,meta_term/embedding/K1,r_t/onehot,r_t/embedding,embedding_1nn,pixel_1nn
 rm -rf "$OUT/extractors" "$OUT/phi" "$OUT/validation"
 echo "total: $(awk '{s += $2} END {print s}' "$log") s" | tee -a "$log"

@@ -269,7 +269,8 @@ def _ridge_list(ctx, param, text):
 
 
 def _name_list(ctx, param, text):
-    return [c.strip() for c in text.split(",") if c.strip()]
+    """A comma-separated list of names, or None when the option is not given."""
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
 def _show_results(store, out):
@@ -365,14 +366,16 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device
 @click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
 @click.option("--x", "x", default="tasks", show_default=True, type=click.Choice(["tasks", "characters"]),
               help="x-axis of the figure: training tasks or training characters (classes).")
-def report_cmd(store, out, x):
+@click.option("--plot-methods", callback=_name_list,
+              help="Comma-separated results.json keys to draw in the figure [default: all; the tables hold all].")
+def report_cmd(store, out, x, plot_methods):
     """Render results.json (all methods) as results.md, results.csv and accuracy.png, and print the table."""
     from .evaluation.report import render
     from .evaluation.results import results_dir
     if not (store or out):
         raise click.UsageError("give --store or --out")
     try:
-        paths = render(results_dir(store, out), x=x, store=store)
+        paths = render(results_dir(store, out), x=x, store=store, plot_methods=plot_methods)
     except (ValueError, OSError) as e:
         _fail(e)
     click.echo(paths["md"].read_text())

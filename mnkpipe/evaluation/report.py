@@ -60,9 +60,10 @@ def _methods(results: dict):
     return sorted(results["methods"], key=lambda k: (rank.get(k.split("/")[0].split("-")[0], len(ORDER)), k))
 
 
-def render(out_dir, x: str = "tasks", store=None) -> dict:
+def render(out_dir, x: str = "tasks", store=None, plot_methods=None) -> dict:
     """Write results.csv, results.md and accuracy.png from results.json in out_dir (a folder mnkpipe made, outside
-    the store when one is named); returns the paths."""
+    the store when one is named); every method in the tables, those of plot_methods (default: all) in the figure;
+    returns the paths."""
     if x not in X_AXES:
         raise ValueError(f"--x must be one of {', '.join(X_AXES)}; got {x!r}")
     out = check_results_dir(out_dir, store)
@@ -72,6 +73,9 @@ def render(out_dir, x: str = "tasks", store=None) -> dict:
     claim_results_dir(out, store)
     results = read_json(path)
     methods = _methods(results)
+    unknown = sorted(set(plot_methods or ()) - set(methods))
+    if unknown:
+        raise ValueError(f"--plot-methods: {', '.join(unknown)} not in {path}; it holds {', '.join(methods)}")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "n_train_tasks", "n_train_characters", "n_train_images", "seeds", "accuracy",
@@ -82,7 +86,7 @@ def render(out_dir, x: str = "tasks", store=None) -> dict:
                                                 r["mean"], r["ci95"], r["per_task"]):
                 w.writerow([k, n, f"{c:g}", f"{i:g}", r["seeds"], f"{m:.4f}", f"{lo:.4f}", f"{hi:.4f}", len(pt)])
     (out / "results.md").write_text(_table(results, methods))
-    _plot(results, methods, out / "accuracy.png", x)
+    _plot(results, [k for k in methods if k in plot_methods] if plot_methods else methods, out / "accuracy.png", x)
     return {"csv": out / "results.csv", "md": out / "results.md", "png": out / "accuracy.png"}
 
 
