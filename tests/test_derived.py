@@ -86,7 +86,9 @@ def child(store, out, address, at=0, sig=signal.SIGKILL, slow=0.0) -> subprocess
     argv = [sys.executable, "-c", CHILD, str(out), str(at), str(int(sig)), str(slow), "evaluate", "--store",
             str(store), "--out", str(out), "--address", address, *ARGS]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a test run started in the background of a script ignores SIGINT, and its children would inherit that
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
 
 
 def finish(p: subprocess.Popen) -> tuple[int, str]:
