@@ -95,3 +95,14 @@ def test_ridge_grid_errors_name_the_option(shared_smoke_store, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="--ridge-grid"):
         evaluate(shared_smoke_store, out=tmp_path / "o", ridge_grid=[float("nan")])
+
+
+def test_a_ridge_grid_embeds_each_subset_once(shared_smoke_store, tmp_path, monkeypatch):
+    import mnkpipe.evaluation.evaluate as ev
+    calls, real = [], ev.pool_embeddings
+    monkeypatch.setattr(ev, "pool_embeddings", lambda *a, **kw: calls.append(kw["seed"]) or real(*a, **kw))
+    cfg = tmp_path / "emb.toml"
+    cfg.write_text("[embedding]\nchannels = 8\nblocks = 2\nepochs = 1\nbatch = 4\n")
+    evaluate(shared_smoke_store, out=tmp_path / "res", config=cfg, labels=["embedding"], methods=["r_t"],
+             ridge_grid=GRID, train_counts=[1, 4], seeds=2, cpus=2, progress=False)
+    assert len(calls) == 2 * 2  # counts x seeds, not x the 2 grid ridges

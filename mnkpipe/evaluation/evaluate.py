@@ -144,9 +144,9 @@ def evaluate(store_path, settings: EvaluateSettings | None = None, **options) ->
         results["methods"].update(run.records())
     else:
         vk = validation_kernel(out, store, settings.progress)
-        runs = {}
+        runs, embeddings = {}, {}  # the embeddings do not depend on the ridge: every run reuses the first run's
         for r in sorted(set(settings.ridge_grid) | {settings.ridge}):
-            runs[r] = _Run(store, out, replace(settings, ridge=r), counts, validation=vk)
+            runs[r] = _Run(store, out, replace(settings, ridge=r), counts, validation=vk, embeddings=embeddings)
             runs[r].curve()
         results["methods"].update(runs[settings.ridge].records())
         results["methods"].update(validation_chosen(runs, settings, counts))
@@ -208,8 +208,10 @@ class _Run:
     """One evaluate pass at one ridge: the base-kernel reader, the test (and, when given the validation kernel, the
     validation) tasks' TaskOps, and the accuracy arrays it fills."""
 
-    def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int], validation: dict | None = None):
+    def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int], validation: dict | None = None,
+                 embeddings: dict | None = None):
         self.store, self.out, self.s, self.counts = store, out, settings, counts
+        self.embedding_cache = embeddings  # {(mode, subset, seed): embeddings} shared by a grid's runs, or None
         self.emb_settings = (embedding_settings(settings.config) if set(EMBEDDING_MODES) & set(settings.labels)
                              else None)
         self.phi_settings = phi_settings(settings.ridge, settings.eta, settings.normalise, settings.conventions)
@@ -292,14 +294,20 @@ class _Run:
 
     def embeddings(self, train, subset, seed: int, mode: str) -> np.ndarray:
         """Embeddings of the pool (and validation images, when scored) by the extractor of a label mode for this
-        training subset and seed (trained once, then reused)."""
+        training subset and seed (trained once, then reused; with a shared cache, embedded once for all its runs)."""
+        cached = (mode, tuple(int(i) for i in subset), seed)
+        if self.embedding_cache is not None and cached in self.embedding_cache:
+            return self.embedding_cache[cached]
         settings = mode_settings(self.emb_settings, mode)
         key = extractor_key(store_gram_key(self.store), subset, seed, settings)
         ckpt = extractor_dir(self.out, key)
         with held(self.out, ckpt):  # one run trains it, a second one on the same folder waits and reuses it
             write_extractor_key(ckpt, key)
-            return pool_embeddings(self.images, train, settings, seed=seed, checkpoint_dir=ckpt,
-                                   progress=self.s.progress)
+            emb = pool_embeddings(self.images, train, settings, seed=seed, checkpoint_dir=ckpt,
+                                  progress=self.s.progress)
+        if self.embedding_cache is not None:
+            self.embedding_cache[cached] = emb
+        return emb
 
     def augmented(self, train, subset, seed: int, k: int):
         """(tasks, Phi_train) for augmentation K = k: the subset's rows of the full Phi for k = 1, else k x the tasks
