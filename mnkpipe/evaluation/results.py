@@ -24,16 +24,14 @@ def method_key(method: str, labels: str | None = None, augment: int | None = Non
     return "/".join([method] + ([labels] if labels else []) + ([f"K{augment}"] if augment else []))
 
 
-VARIANT_NAMES = {"authors": "authors' conventions", "valridge": "ridge chosen on validation tasks",
-                 "test-selected": "test-selected (biased)"}
+VARIANT_NAMES = {"authors": "authors' conventions", "valridge": "ridge chosen on validation tasks"}
 
 
 def method_label(key: str) -> str:
     """Human label of a method key: 'MNK, embedding labels, tasks x15'; mnk-authors-valridge/...: 'MNK, authors'
     conventions, ridge chosen on validation tasks'."""
     method, *rest = key.split("/")
-    base, _, tail = method.partition("-")
-    tags = [tail] if tail in VARIANT_NAMES else [t for t in tail.split("-") if t]
+    base, *tags = method.split("-")
     parts = [METHOD_NAMES.get(base, base)] + [VARIANT_NAMES.get(t, t) for t in tags]
     for r in rest:
         parts.append(f"tasks x{r[1:]}" if r.startswith("K") else f"{r} labels")
