@@ -12,11 +12,7 @@ CFG=configs/omniglot-5w1s-cpu.toml
 STORE=${STORE:-runs/omniglot-5w1s-cpu.zarr}
 OUT=${OUT:-docs/results/omniglot-5w1s-cpu}
 SEEDS=${SEEDS:-5}
-mkdir -p "$OUT"
-log="$OUT/timings.txt"; : > "$log"
-stage() { local name=$1; shift; local t0=$(date +%s); "$@"; echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$log"; }
-stage compute-kernel $BIN/mnkpipe compute-kernel --config $CFG --store "$STORE" --no-progress
-chmod -R a-w "$STORE"
+source bench/pipeline_kernel.sh  # timings log, stage(), the Gram
 COMMON=(--store "$STORE" --config $CFG --seeds "$SEEDS" --train-tasks 1,2,4,8,16 --out "$OUT" --no-progress)
 # every method, label mode (trained and untrained extractor) and K at the fixed ridge 1e-5
 stage evaluate $BIN/mnkpipe evaluate "${COMMON[@]}" --labels onehot,embedding,random_embedding --augment 1,15

@@ -10,11 +10,7 @@ CFG=configs/omniglot-5w5s-cpu.toml
 STORE=${STORE:-runs/omniglot-5w5s-cpu.zarr}
 OUT=${OUT:-docs/results/omniglot-5w5s-cpu}
 SEEDS=${SEEDS:-3}
-mkdir -p "$OUT"
-log="$OUT/timings.txt"; : > "$log"
-stage() { local name=$1; shift; local t0=$(date +%s); "$@"; echo "$name: $(( $(date +%s) - t0 )) s" | tee -a "$log"; }
-stage compute-kernel $BIN/mnkpipe compute-kernel --config $CFG --store "$STORE" --no-progress
-chmod -R a-w "$STORE"
+source bench/pipeline_kernel.sh  # timings log, stage(), the Gram
 stage evaluate $BIN/mnkpipe evaluate --store "$STORE" --config $CFG --augment 1 --seeds "$SEEDS" \
   --train-tasks 1,2,4,8 --out "$OUT" --labels onehot,embedding --ridge-grid 1e-5,1e-3,1e-2,1e-1 --no-progress
 $BIN/mnkpipe report --out "$OUT" > /dev/null --plot-methods \
