@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import click
 
 INTERRUPTED = "finished tiles are kept; rerun the same command to resume"
+OUT_HELP = ("Results folder, or s3://BUCKET/PREFIX [default: <store>-results, on the same object store for a store "
+            "on S3].")
 
 
 def _fail(e: Exception):
@@ -33,18 +35,17 @@ def _api(call):
 
 
 class _StoreFolder(click.Path):
-    """--store: store.store_folder (`~` expanded; URLs and system folders refused), then click's path checks; with
-    urls=True an s3://BUCKET/PREFIX passes as its URL (the store itself says whether it is there)."""
+    """--store: store.store_location (`~` expanded; system folders and unsupported URL schemes refused), then click's
+    path checks for a folder; an s3://BUCKET/PREFIX passes as its URL (the store itself says whether it is there)."""
 
-    def __init__(self, exists: bool = False, urls: bool = False):
+    def __init__(self, exists: bool = False):
         super().__init__(exists=exists, file_okay=False)
-        self.urls = urls
 
     def convert(self, value, param, ctx):
-        from .store.paths import store_folder, store_location
+        from .store.paths import store_location
         try:
-            place = store_location(value) if self.urls else store_folder(value)
-        except RuntimeError as e:  # StoreError: a URL (without urls, or of a scheme not supported), a system folder
+            place = store_location(value)
+        except RuntimeError as e:  # StoreError: an unsupported URL scheme, a system folder
             self.fail(str(e), param, ctx)
         return place if isinstance(place, str) else super().convert(str(place), param, ctx)
 
@@ -168,7 +169,7 @@ def gram_cmd(data, n, depth, size, backend):
 
 @main.command("compute-kernel")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False), help="Experiment TOML (configs/).")
-@click.option("--store", required=True, type=_StoreFolder(urls=True),
+@click.option("--store", required=True, type=_StoreFolder(),
               help="Zarr store to create or resume: a folder, or s3://BUCKET/PREFIX (AWS_* variables).")
 @click.option("--data", help="Data root (default: $MNKPIPE_DATA, else ~/.cache/mnkpipe/omniglot).")
 @click.option("--gpus", default=0, show_default=True, type=click.IntRange(min=0),
@@ -195,7 +196,7 @@ def compute_kernel_cmd(config, store, data, gpus, cpus, address, tile_size, brea
 
 
 @main.command("status")
-@click.argument("store", type=_StoreFolder(exists=True, urls=True))
+@click.argument("store", type=_StoreFolder(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_cmd(store, as_json):
     """Tiles and pairs done, rate, ETA and the workers last seen."""
@@ -208,7 +209,7 @@ def status_cmd(store, as_json):
 
 
 @main.command("verify")
-@click.argument("store", type=_StoreFolder(exists=True, urls=True))
+@click.argument("store", type=_StoreFolder(exists=True))
 @click.option("--repair", is_flag=True,
               help="Recompute bad tiles (takes the store's lock; local Ray unless --address).")
 @click.option("--cpus", type=click.IntRange(min=1), help="CPU workers for --repair.")
@@ -274,19 +275,20 @@ def _name_list(ctx, param, text):
 
 
 def _show_results(store, out):
-    from .evaluation.results import results_dir
-    d = results_dir(store, out)
-    click.echo((d / "results.md").read_text())
-    click.echo(f"-> {d}")
+    from .evaluation.mirror import local_copy, results_location
+    loc = results_location(store, out)
+    click.echo((local_copy(loc) / "results.md").read_text())
+    click.echo(f"-> {loc.url}")
 
 
 @main.command("evaluate")
-@click.option("--store", required=True, type=_StoreFolder(exists=True), help="A computed store.")
+@click.option("--store", required=True, type=_StoreFolder(exists=True),
+              help="A computed store: a folder, or s3://BUCKET/PREFIX (read only; AWS_* variables).")
 @click.option("--train-tasks", callback=_int_list,
               help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Random nested training subsets per count.")
-@click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
+@click.option("--out", type=click.Path(file_okay=False), help=OUT_HELP)
 @click.option("--methods", default="mnk,meta_term,r_t,embedding_1nn,pixel_1nn", show_default=True,
               callback=_name_list, help="Kernel methods and ablations to run.")
 @click.option("--labels", default="onehot", show_default=True, callback=_name_list,
@@ -333,7 +335,8 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
 
 @main.command("baselines")
 @click.option("--store", required=True, type=_StoreFolder(exists=True),
-              help="The store whose episodes (same training subsets, same test tasks) the baselines use.")
+              help="The store (a folder or s3://BUCKET/PREFIX) whose episodes (same training subsets, same test "
+                   "tasks) the baselines use.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML with a [baselines] table.")
 @click.option("--train-tasks", callback=_int_list,
               help="Comma-separated numbers of training tasks [default: 1,2,4,... all].")
@@ -343,7 +346,7 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
 @click.option("--meta-steps", type=click.IntRange(min=1), help="Override meta-training steps.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Torch device; auto picks CUDA when torch sees one.")
-@click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
+@click.option("--out", type=click.Path(file_okay=False), help=OUT_HELP)
 @click.option("--no-progress", is_flag=True)
 def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device, out, no_progress):
     """MAML and iMAML on the store's episodes, checkpoints selected on validation tasks (never on test tasks).
@@ -362,24 +365,20 @@ def baselines_cmd(store, config, train_tasks, seeds, methods, meta_steps, device
 
 
 @main.command("report")
-@click.option("--store", type=_StoreFolder(), help="Store whose results to render.")
-@click.option("--out", type=click.Path(file_okay=False), help="Results folder [default: <store>-results].")
+@click.option("--store", type=_StoreFolder(), help="Store whose results to render (a folder or s3://...).")
+@click.option("--out", type=click.Path(file_okay=False), help=OUT_HELP)
 @click.option("--x", "x", default="tasks", show_default=True, type=click.Choice(["tasks", "characters"]),
               help="x-axis of the figure: training tasks or training characters (classes).")
 @click.option("--plot-methods", callback=_name_list,
               help="Comma-separated results.json keys to draw in the figure [default: all; the tables hold all].")
 def report_cmd(store, out, x, plot_methods):
     """Render results.json (all methods) as results.md, results.csv and accuracy.png, and print the table."""
-    from .evaluation.report import render
-    from .evaluation.results import results_dir
+    from .evaluation.report import report
     if not (store or out):
         raise click.UsageError("give --store or --out")
-    try:
-        paths = render(results_dir(store, out), x=x, store=store, plot_methods=plot_methods)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    paths = _api(lambda: report(store, out, x=x, plot_methods=plot_methods))
     click.echo(paths["md"].read_text())
-    click.echo(f"figure: {paths['png']}")
+    click.echo(f"figure: {paths['where']}/accuracy.png")
 
 
 if __name__ == "__main__":

@@ -148,9 +148,9 @@ def test_probe_refuses_a_server_that_ignores_conditional_writes(monkeypatch):
 @pytest.mark.parametrize("command", [["compute-kernel", "--config", "configs/smoke.toml", "--store"], ["status"],
                                      ["verify"], ["evaluate", "--store"], ["report", "--store"]])
 def test_a_url_store_is_never_a_local_folder(tmp_path, command, url):
-    """A URL --store never becomes a local folder (before, s3://... made one named `s3:`): a scheme not supported,
-    and s3:// for evaluate and report, are refused by name; compute-kernel, status and verify, which take s3://,
-    name the URL they cannot reach (no server here). Nothing is written."""
+    """A URL --store never becomes a local folder (before, s3://... made one named `s3:`): a scheme not supported is
+    refused by name; every command takes s3:// and names the URL it cannot reach (no server here). Nothing is
+    written."""
     from click.testing import CliRunner
 
     from mnkpipe.cli import main

@@ -17,8 +17,9 @@ from ..pipeline.config import read_table, section
 from ..store import open_store
 from .derived import check_results_dir, claim_results_dir, held, store_gram_key
 from .protocol import check_train_counts, default_counts, subset_size, train_subsets
-from .report import chosen_on_test_key, write_results
-from .results import merged, method_record, results_dir, results_header
+from .mirror import local_results, results_location
+from .report import chosen_on_test_key, render, write_results
+from .results import merged, method_record, results_header
 
 def baseline_settings(config_path=None, **overrides) -> BaselineSettings:
     """[baselines] table of a TOML file (optional, types checked) plus keyword overrides; ranges validated."""
@@ -56,12 +57,19 @@ def run_baselines(store_path, *, methods=BASELINE_METHODS, train_counts=None, se
     settings.validate()
     device = resolve_device(device)
     store = open_store(store_path)
-    gram_key = store_gram_key(store)
     ep = store.episodes()
     if ep.val is None or ep.val.n_tasks == 0:
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
     counts = check_train_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
-    out_dir = check_results_dir(results_dir(store.path, out), store.path)  # outside the store, made by mnkpipe
+    with local_results(results_location(store.path, out), progress, render) as folder:
+        return _train_and_test(store, folder, methods, counts, seeds, settings, progress, device)
+
+
+def _train_and_test(store, folder, methods, counts, seeds: int, settings, progress: bool, device: str) -> dict:
+    """run_baselines' work with the results in the local folder `folder`."""
+    gram_key = store_gram_key(store)
+    ep = store.episodes()
+    out_dir = check_results_dir(folder, store.path)  # outside the store, made by mnkpipe
     results = results_header(store)
     merged(out_dir / "results.json", results)  # refuses another store's results before any training
     claim_results_dir(out_dir, store.path)

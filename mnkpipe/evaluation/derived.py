@@ -12,6 +12,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..keys import settings_key
+from ..store.location import URL_SCHEME
 
 RESULTS_MARKER = ".mnkpipe-results"  # written into a results folder when mnkpipe creates or first uses it
 RESULTS_FORMAT = "mnkpipe-results/1"
@@ -37,6 +38,15 @@ def store_gram_key(store) -> str:
     return gram_key(store.manifest["fingerprint"], store.manifest["config"])
 
 
+def store_where(store) -> str:
+    """How results name a store: its URL on object storage, its resolved folder on local disk."""
+    return store.path if isinstance(store.path, str) else str(Path(store.path).resolve())
+
+
+def is_url(where) -> bool:
+    return bool(URL_SCHEME.match(str(where)))
+
+
 def made_by_mnkpipe(folder: Path) -> bool:
     """A folder holding the results marker, or a results.json that mnkpipe wrote (before the marker existed)."""
     if (folder / RESULTS_MARKER).is_file():
@@ -51,7 +61,7 @@ def check_results_dir(out, store_path=None) -> Path:
     """out, resolved, when mnkpipe may write into it: outside the store, and new, empty or made by mnkpipe;
     ValueError naming the folder otherwise. Writes nothing."""
     out = Path(out).resolve()
-    if store_path is not None:
+    if store_path is not None and not is_url(store_path):  # a store on object storage holds no local folder
         store = Path(store_path).resolve()
         if out == store or store in out.parents:
             raise ValueError(f"results folder {out} is inside the store {store}: results live outside the store "

@@ -18,8 +18,9 @@ from .labels import (EMBEDDING_MODES, LABEL_MODES, decode, embedding_settings, e
 from .phi import (ARRAY, INF, CachedGram, PhiSource, normalised, phi_attrs, phi_path, phi_settings, prepare_phi,
                   read_phi, task_ops_list)
 from .protocol import check_train_counts, default_counts, subset_size, train_subsets
-from .report import write_results
-from .results import merged, method_key, method_record, results_dir, results_header
+from .mirror import local_results, results_location
+from .report import render, write_results
+from .results import merged, method_key, method_record, results_header
 from .validation import WithValidation, validation_kernel
 
 KERNEL_METHODS = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn")
@@ -137,20 +138,21 @@ def evaluate(store_path, settings: EvaluateSettings | None = None, **options) ->
     if settings.ridge_grid and (ep.val is None or ep.val.n_tasks == 0):
         raise ValueError(f"--ridge-grid: {store.path} has no validation tasks ([tasks] val_tasks = 0) to choose on")
     counts = check_train_counts(settings.train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
-    out, results = results_folder(store, settings.out)
-    if not settings.ridge_grid:
-        run = _Run(store, out, settings, counts)
-        run.curve()
-        results["methods"].update(run.records())
-    else:
-        vk = validation_kernel(out, store, settings.progress)
-        runs, embeddings = {}, {}  # the embeddings do not depend on the ridge: every run reuses the first run's
-        for r in sorted(set(settings.ridge_grid) | {settings.ridge}):
-            runs[r] = _Run(store, out, replace(settings, ridge=r), counts, validation=vk, embeddings=embeddings)
-            runs[r].curve()
-        results["methods"].update(runs[settings.ridge].records())
-        results["methods"].update(validation_chosen(runs, settings, counts))
-    write_results(results, out)
+    with local_results(results_location(store.path, settings.out), settings.progress, render) as folder:
+        out, results = results_folder(store, folder)
+        if not settings.ridge_grid:
+            run = _Run(store, out, settings, counts)
+            run.curve()
+            results["methods"].update(run.records())
+        else:
+            vk = validation_kernel(out, store, settings.progress)
+            runs, embeddings = {}, {}  # the embeddings do not depend on the ridge: every run reuses the first run's
+            for r in sorted(set(settings.ridge_grid) | {settings.ridge}):
+                runs[r] = _Run(store, out, replace(settings, ridge=r), counts, validation=vk, embeddings=embeddings)
+                runs[r].curve()
+            results["methods"].update(runs[settings.ridge].records())
+            results["methods"].update(validation_chosen(runs, settings, counts))
+        write_results(results, out)
     return results
 
 
@@ -195,9 +197,9 @@ def variant_name(key: str, *tags: str) -> str:
 
 
 def results_folder(store, out) -> tuple[Path, dict]:
-    """The results folder (outside the store, made by mnkpipe, claimed) and a fresh results header; another store's
-    results there are refused before any work."""
-    out = check_results_dir(results_dir(store.path, out), store.path)
+    """The local results folder out (outside the store, made by mnkpipe, claimed) and a fresh results header;
+    another store's results there are refused before any work."""
+    out = check_results_dir(out, store.path)
     results = results_header(store)
     merged(out / "results.json", results)
     claim_results_dir(out, store.path)

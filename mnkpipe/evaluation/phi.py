@@ -21,7 +21,7 @@ from ..keys import settings_key
 from ..memory import check_fits
 from ..pipeline.plan import plan_full
 from ..store import StoreError, TiledArray, add_tiled_array, open_store, symmetric_block
-from .derived import create_whole, store_gram_key
+from .derived import create_whole, store_gram_key, store_where
 
 INF = mnk.INF
 ARRAY = "mnk"
@@ -109,7 +109,7 @@ def phi_attrs(store, settings: dict, augment: int, subset=None, seed=None) -> di
     """What a Phi group covers: the store's Gram (its key: fingerprint and kernel settings; and where it was), the
     settings, and for augmented tasks (which depend on the training subset and the seed that drew them) those too."""
     a = {"format": FORMAT, "gram_key": store_gram_key(store), "gram_fingerprint": store.manifest["fingerprint"],
-         "gram_store": str(Path(store.path).resolve()), **settings, "augment": int(augment)}
+         "gram_store": store_where(store), **settings, "augment": int(augment)}
     if augment > 1:
         a.update(train_tasks=[int(i) for i in subset], seed=int(seed))
     return a

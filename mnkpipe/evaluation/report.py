@@ -9,6 +9,7 @@ from filelock import FileLock
 
 from ..files import atomic_write_text, read_json
 from .derived import check_results_dir, claim_results_dir
+from .mirror import local_results, results_location
 from .results import merged, method_label
 
 ORDER = ("mnk", "meta_term", "r_t", "embedding_1nn", "pixel_1nn", "maml", "imaml")
@@ -88,6 +89,19 @@ def render(out_dir, x: str = "tasks", store=None, plot_methods=None) -> dict:
     (out / "results.md").write_text(_table(results, methods))
     _plot(results, [k for k in methods if k in plot_methods] if plot_methods else methods, out / "accuracy.png", x)
     return {"csv": out / "results.csv", "md": out / "results.md", "png": out / "accuracy.png"}
+
+
+def report(store=None, out=None, x: str = "tasks", plot_methods=None) -> dict:
+    """render() of the results at --out, else at <store>-results (a local folder, or on the store's object store);
+    returns the local paths and 'where' the results are."""
+    loc = results_location(store, out)
+    with local_results(loc, progress=False,
+                       rerender=lambda folder: render(folder, x=x, store=store, plot_methods=plot_methods)) as folder:
+        if loc.is_s3 and not (folder / "results.json").exists():
+            raise FileNotFoundError(f"no results.json at {loc.url}: run `mnkpipe evaluate` (and `mnkpipe baselines`) "
+                                    "first")
+        paths = render(folder, x=x, store=store, plot_methods=plot_methods)
+    return dict(paths, where=loc.url)
 
 
 def _table(results: dict, methods) -> str:

@@ -12,7 +12,7 @@ from scipy.stats import t as student_t
 
 from .. import __version__
 from ..files import read_json
-from .derived import RESULTS_FORMAT, gram_key, gram_settings, store_gram_key
+from .derived import RESULTS_FORMAT, gram_key, gram_settings, store_gram_key, store_where
 
 METHOD_NAMES = {"mnk": "MNK", "meta_term": "MNK meta term alone", "r_t": "CNTK on test support only (r_t)",
                 "embedding_1nn": "1-NN in the extractor's embedding space", "pixel_1nn": "1-NN on pixels",
@@ -106,7 +106,7 @@ def results_header(store) -> dict:
     """Where the numbers come from: store path, Gram key and fingerprint, its config, mnkpipe version and git
     commit, date."""
     ep = store.episodes()
-    return {"format": RESULTS_FORMAT, "store": str(Path(store.path).resolve()), "gram_key": store_gram_key(store),
+    return {"format": RESULTS_FORMAT, "store": store_where(store), "gram_key": store_gram_key(store),
             "fingerprint": store.manifest["fingerprint"], "config": store.manifest["config"],
             "mnkpipe_version": __version__, "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "n_test_tasks": ep.test.n_tasks, "way": ep.way, "shot": ep.shot, "methods": {}}

@@ -1,18 +1,17 @@
 """`status` and `verify` of a store: what is done, how fast, and whether every done tile is intact."""
 
 import time
-from pathlib import Path
 
 import numpy as np
 import zarr
 
-from ..store import RECORD_REPAIR, StoreError, TiledArray, find_tiled_arrays, open_storage, open_store, tile_crc
+from ..store import (RECORD_REPAIR, ObjectStorage, StoreError, TiledArray, find_tiled_arrays, open_storage, open_store,
+                     tile_crc)
 
 
 def store_status(store_path, name: str = "gram") -> dict:
     """Tiles and pairs done/total (done = record set and chunk object present), last rate, ETA, workers last seen,
-    the lock's owner and whether it is alive, and the same for each meta-kernel group under <store>-results/phi/
-    (a local store's)."""
+    the lock's owner and whether it is alive, and the same for each meta-kernel group under <store>-results/phi/."""
     store = open_store(store_path)
     s = store.tiled(name).status()
     s.update(store=str(store.path), n_images=store.n, lock=lock_status(store.storage),
@@ -26,12 +25,14 @@ def lock_status(store_path) -> dict | None:
     return open_storage(store_path).lock_status()
 
 
-def phi_groups(store_path) -> list[Path]:
-    """Zarr groups <store>-results/phi/<key>/ (the meta-kernel arrays, kept outside the Gram store) of a local
-    store."""
+def phi_groups(store_path) -> list:
+    """Zarr groups <store>-results/phi/<key>/ (the meta-kernel arrays, kept outside the Gram store): folders beside
+    a local store, URLs beside a store on S3."""
     storage = open_storage(store_path)
     if storage.path is None:
-        return []
+        results = ObjectStorage(storage.loc.sibling("-results"))
+        return sorted(f"{results.url}/{k.removesuffix('/zarr.json')}" for k in results.sizes("phi/")
+                      if k.count("/") == 2 and k.endswith("/zarr.json"))
     p = storage.path.resolve()
     phi = p.with_name(p.name + "-results") / "phi"
     return sorted(g for g in phi.glob("*") if (g / "zarr.json").is_file()) if phi.is_dir() else []

@@ -43,9 +43,9 @@ class Location:
         return Location(str(self.path) + suffix, path=self.path.with_name(self.path.name + suffix))
 
 
-def parse_location(text) -> Location:
-    """Location of `--store TEXT`: s3://BUCKET/PREFIX, file:///PATH or a plain path (made absolute); StoreError for
-    any other URL scheme or an s3 URL without a bucket and a prefix."""
+def parse_location(text, option: str = "--store") -> Location:
+    """Location of `--store TEXT` (or another option's): s3://BUCKET/PREFIX, file:///PATH or a plain path (made
+    absolute); StoreError naming the option for any other URL scheme or an s3 URL without a bucket and a prefix."""
     text = str(text)
     m = URL_SCHEME.match(text)
     if not m:
@@ -57,14 +57,14 @@ def parse_location(text) -> Location:
         path = Path(os.path.abspath("/" + rest.lstrip("/")))
         return Location(str(path), path=path)
     if scheme not in ("s3", "s3a"):
-        raise StoreError(f"--store {text}: the URL scheme {scheme!r} is not supported; give {SUPPORTED}")
+        raise StoreError(f"{option} {text}: the URL scheme {scheme!r} is not supported; give {SUPPORTED}")
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not bucket or not prefix:
-        raise StoreError(f"--store {text}: an object store needs a bucket and a prefix inside it, "
+        raise StoreError(f"{option} {text}: an object store needs a bucket and a prefix inside it, "
                          "e.g. s3://my-bucket/runs/omniglot.zarr")
     if not BUCKET_NAME.match(bucket):
-        raise StoreError(f"--store {text}: {bucket!r} is not a bucket name S3 allows (3 to 63 lowercase letters, "
+        raise StoreError(f"{option} {text}: {bucket!r} is not a bucket name S3 allows (3 to 63 lowercase letters, "
                          "digits, dots and hyphens, a letter or digit at each end)")
     return Location(f"s3://{bucket}/{prefix}", bucket=bucket, prefix=prefix)
 

@@ -130,9 +130,32 @@ class ObjectStorage:
         return True
 
     def sizes(self, prefix: str) -> dict[str, int]:
+        return {k: size for k, (size, _) in self.listing(prefix).items()}
+
+    def listing(self, prefix: str = "") -> dict[str, tuple[int, str]]:
+        """{key: (size, ETag)} of every object under prefix."""
         import obstore
-        return {o["path"]: o["size"] for batch in self._call(lambda: list(obstore.list(self.store, prefix=prefix)))
-                for o in batch}
+        return {o["path"]: (o["size"], o["e_tag"])
+                for batch in self._call(lambda: list(obstore.list(self.store, prefix=prefix))) for o in batch}
+
+    def get(self, key: str) -> tuple[bytes, str]:
+        """(bytes, ETag) of the object at key; FileNotFoundError when there is none."""
+        import obstore
+        got = self._call(obstore.get, self.store, key)
+        return bytes(self._call(got.bytes)), got.meta["e_tag"]
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, create: bool = False) -> str:
+        """Write the object at key whole; only if its ETag is still if_match, or (create) if there is none. Returns
+        the new ETag; obstore's PreconditionError / AlreadyExistsError when the condition fails."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+        mode = "create" if create else ({"e_tag": if_match} if if_match else "overwrite")
+        try:
+            return obstore.put(self.store, key, data, mode=mode)["e_tag"]
+        except (AlreadyExistsError, PreconditionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - as in _call
+            raise StoreError(describe_unreachable(self.loc, e)) from None
 
     def contents(self) -> str:
         """'objects' when anything is stored under the prefix, else 'none'."""
