@@ -176,8 +176,9 @@ def test_a_worker_that_cannot_reach_the_store_names_its_host_and_the_url(smoke_u
 
 def test_a_second_node_without_the_drivers_files_computes_into_s3(env, smoke_url, tmp_path):
     """A two-node Ray cluster whose second node runs in a mount namespace of its own, where the driver's working
-    folder (its config, its files) is an empty tmpfs: the store on S3 is all the workers share. Then a third node
-    joins with a wrong secret key: the next job stops with one line naming that node and the URL."""
+    folder (its config, its files, the local copy of the results) is an empty tmpfs: the store and its results on S3
+    are all the workers share, for the Gram and for evaluate's meta-kernel tiles. Then a third node joins with a
+    wrong secret key: the next job stops with one line naming that node and the URL."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs `unshare -m` (root or user namespaces) to give a node its own view of the filesystem")
     work = tmp_path / "driver"
@@ -204,6 +205,16 @@ def test_a_second_node_without_the_drivers_files_computes_into_s3(env, smoke_url
         used = {w["node"] for w in store_status(url)["workers"].values()}
         assert len(used) == 2 and private_node in used, (used, private_node)
         assert np.array_equal(open_store(url).read_gram(), open_store(smoke_url).read_gram(), equal_nan=True)
+        # evaluate on the cluster: its local copy of the results (MNKPIPE_CACHE) is hidden from the private node
+        # too, so that node's workers write their meta-kernel tiles into <store>-results on S3
+        evaluate = ["evaluate", "--store", url, "--train-tasks", "4", "--seeds", "1", "--methods", "mnk",
+                    "--phi-tile-size", "4", "--address", f"127.0.0.1:{port}", "--no-progress"]
+        r = subprocess.run([sys.executable, "-m", "mnkpipe.cli", *evaluate], cwd=work, capture_output=True, text=True,
+                           env=dict(node_env, MNKPIPE_CACHE=str(work / "cache")), timeout=600)
+        assert r.returncode == 0, r.stderr
+        (group,) = store_status(url)["meta_kernels"]
+        assert group["tiles_done"] == group["tiles_total"] == 45, group
+        assert private_node in {w["node"] for w in group["workers"].values()}, (group["workers"], private_node)
         nodes.append(start_node([RAY, "start", f"--address=127.0.0.1:{port}", *common,
                                  f"--dashboard-agent-listen-port={free_port()}", "--block"],
                                 dict(node_env, AWS_SECRET_ACCESS_KEY="not-the-secret"), Path(temp_dir) / "bad.log"))

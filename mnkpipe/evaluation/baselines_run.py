@@ -61,8 +61,8 @@ def run_baselines(store_path, *, methods=BASELINE_METHODS, train_counts=None, se
     if ep.val is None or ep.val.n_tasks == 0:
         raise ValueError(f"{store.path} has no validation tasks ([tasks] val_tasks = 0): the baselines select on them")
     counts = check_train_counts(train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
-    with local_results(results_location(store.path, out), progress, render) as folder:
-        return _train_and_test(store, folder, methods, counts, seeds, settings, progress, device)
+    with local_results(results_location(store.path, out), progress, render) as local:
+        return _train_and_test(store, local.folder, methods, counts, seeds, settings, progress, device)
 
 
 def _train_and_test(store, folder, methods, counts, seeds: int, settings, progress: bool, device: str) -> dict:

@@ -138,17 +138,19 @@ def evaluate(store_path, settings: EvaluateSettings | None = None, **options) ->
     if settings.ridge_grid and (ep.val is None or ep.val.n_tasks == 0):
         raise ValueError(f"--ridge-grid: {store.path} has no validation tasks ([tasks] val_tasks = 0) to choose on")
     counts = check_train_counts(settings.train_counts or default_counts(ep.train.n_tasks), ep.train.n_tasks)
-    with local_results(results_location(store.path, settings.out), settings.progress, render) as folder:
-        out, results = results_folder(store, folder)
+    with local_results(results_location(store.path, settings.out), settings.progress, render) as local:
+        out, results = results_folder(store, local.folder)
+        shared = local.shared
         if not settings.ridge_grid:
-            run = _Run(store, out, settings, counts)
+            run = _Run(store, out, settings, counts, shared)
             run.curve()
             results["methods"].update(run.records())
         else:
             vk = validation_kernel(out, store, settings.progress)
             runs, embeddings = {}, {}  # the embeddings do not depend on the ridge: every run reuses the first run's
             for r in sorted(set(settings.ridge_grid) | {settings.ridge}):
-                runs[r] = _Run(store, out, replace(settings, ridge=r), counts, validation=vk, embeddings=embeddings)
+                runs[r] = _Run(store, out, replace(settings, ridge=r), counts, shared, validation=vk,
+                               embeddings=embeddings)
                 runs[r].curve()
             results["methods"].update(runs[settings.ridge].records())
             results["methods"].update(validation_chosen(runs, settings, counts))
@@ -210,9 +212,9 @@ class _Run:
     """One evaluate pass at one ridge: the base-kernel reader, the test (and, when given the validation kernel, the
     validation) tasks' TaskOps, and the accuracy arrays it fills."""
 
-    def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int], validation: dict | None = None,
-                 embeddings: dict | None = None):
-        self.store, self.out, self.s, self.counts = store, out, settings, counts
+    def __init__(self, store, out: Path, settings: EvaluateSettings, counts: list[int], shared,
+                 validation: dict | None = None, embeddings: dict | None = None):
+        self.store, self.out, self.s, self.counts, self.shared = store, out, settings, counts, shared
         self.embedding_cache = embeddings  # {(mode, subset, seed): embeddings} shared by a grid's runs, or None
         self.emb_settings = (embedding_settings(settings.config) if set(EMBEDDING_MODES) & set(settings.labels)
                              else None)
@@ -324,12 +326,13 @@ class _Run:
     def phi_train(self, tasks, attrs) -> np.ndarray:
         """Phi_train over the stacked queries of `tasks`, from its group under the results folder (created whole,
         its missing tiles computed by the Ray driver first, under the group's lock: a second run waits, then reads
-        it)."""
+        it). With the results on an object store the workers write the tiles there (they need not see this host)."""
         s, path = self.s, phi_path(self.out, attrs)
         with held(self.out, path):
             prepare_phi(self.out, attrs, tasks, s.phi_tile_size)
-            run_tiles(path, name=ARRAY, source=PhiSource(self.store.path, tasks, self.phi_settings, s.max_bytes),
-                      cpus=s.cpus, address=s.address, progress=s.progress)
+            with self.shared(path) as target:
+                run_tiles(target, name=ARRAY, source=PhiSource(self.store.path, tasks, self.phi_settings, s.max_bytes),
+                          cpus=s.cpus, address=s.address, progress=s.progress)
         return read_phi(path)
 
     def hyperparameters(self, key: str) -> dict:

@@ -54,23 +54,44 @@ def results_location(store=None, out=None) -> Location:
 
 def local_copy(loc: Location) -> Path:
     """The folder holding the results at loc: itself when local, its local copy for an object store."""
-    return loc.path if not loc.is_s3 else default_cache_dir() / "results" / hashlib.sha256(
-        loc.url.encode()).hexdigest()[:16]
+    if not loc.is_s3:
+        return loc.path
+    return (default_cache_dir() / "results" / hashlib.sha256(loc.url.encode()).hexdigest()[:16]).resolve()
+
+
+class LocalResults:
+    """The local folder a command writes its results into (`folder`), and the Mirror behind it for an object store."""
+
+    def __init__(self, folder: Path, mirror: "Mirror | None" = None):
+        self.folder, self.mirror = folder, mirror
+
+    @contextmanager
+    def shared(self, path: Path):
+        """with results.shared(group) as target: ... -- where Ray workers on any node write the tiles of the group
+        at path (under folder): the path itself on local disk; on an object store the group's URL, after its files
+        are pushed there, and its new tiles are pulled into the local copy after the body."""
+        if self.mirror is None:
+            yield path
+            return
+        key = Path(path).relative_to(self.folder).as_posix()
+        self.mirror.push(under=key)
+        yield f"{self.mirror.loc.url}/{key}"
+        self.mirror.pull(under=key)
 
 
 @contextmanager
 def local_results(loc: Location, progress: bool = True, rerender=None):
-    """with local_results(loc) as folder: ... -- the local folder to write the results at loc into: loc's own for a
-    local folder; for an object store its local copy, pulled on entry and pushed on exit (also when the body fails:
+    """with local_results(loc) as results: ... -- the LocalResults to write the results at loc into: loc's own folder
+    on local disk; for an object store its local copy, pulled on entry and pushed on exit (also when the body fails:
     finished items are kept). rerender(folder) renders results.json's tables again after a merge."""
     if not loc.is_s3:
-        yield loc.path
+        yield LocalResults(loc.path)
         return
     mirror = Mirror(loc, progress)
     mirror.pull()
     ok = False
     try:
-        yield mirror.folder
+        yield LocalResults(mirror.folder, mirror)
         ok = True
     finally:
         if ok:
@@ -92,15 +113,13 @@ class Mirror:
         self.seen: dict[str, dict] = {}
         self.base_methods: dict = {}  # results.json's methods as pulled: those that differ at push are this run's
 
-    def pull(self) -> None:
-        """Check the prefix is mnkpipe's and writable, then download every object changed since last seen."""
-        listing = self._check_ours()
-        self._check_writable()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / RESULTS_MARKER).exists():  # the copy is mnkpipe's, as the prefix is (or will be)
-            (self.folder / RESULTS_MARKER).write_text(f"local copy of the results at {self.loc.url}, made by mnkpipe\n")
-        state = self.folder / STATE
-        self.seen = read_json(state).get("objects", {}) if state.exists() else {}
+    def pull(self, under: str = "") -> None:
+        """Download every object (under the key `under`) changed since last seen; the first pull of a command checks
+        first that the prefix is mnkpipe's and writable."""
+        if under:
+            listing = self.remote.listing(f"{under}/")
+        else:
+            listing = self._start()
         todo = [k for k, (size, etag) in listing.items()
                 if not (self.seen.get(k, {}).get("etag") == etag and (self.folder / k).is_file())]
         for key in tqdm(todo, desc=f"pull {self.loc.url}", unit="object", disable=not self.progress or len(todo) < 20):
@@ -109,18 +128,31 @@ class Mirror:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f: f.write(data))
             self._saw(key, etag)
-        for key in [k for k in self.seen if k not in listing]:  # removed there since: removed here when unchanged
+        gone = [k for k in self.seen if k not in listing and k.startswith(f"{under}/" if under else "")]
+        for key in gone:  # removed there since: removed here when unchanged
             if not self._changed(key):
                 (self.folder / key).unlink(missing_ok=True)
             del self.seen[key]
         self._save()
-        if (self.folder / RESULTS).is_file():
+        if not under and (self.folder / RESULTS).is_file():
             self.base_methods = read_json(self.folder / RESULTS).get("methods", {})
 
-    def push(self, rerender=None) -> None:
-        """Upload every file changed here since last seen, results.json last and only over the version pulled."""
-        self._upload([k for k in self._changed_keys() if k != RESULTS])
-        if RESULTS in self._changed_keys():
+    def _start(self) -> dict:
+        """Check the prefix is mnkpipe's and writable; make the local copy, read what it saw; the prefix's listing."""
+        listing = self._check_ours()
+        self._check_writable()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / RESULTS_MARKER).exists():  # the copy is mnkpipe's, as the prefix is (or will be)
+            (self.folder / RESULTS_MARKER).write_text(f"local copy of the results at {self.loc.url}, made by mnkpipe\n")
+        state = self.folder / STATE
+        self.seen = read_json(state).get("objects", {}) if state.exists() else {}
+        return listing
+
+    def push(self, rerender=None, under: str = "") -> None:
+        """Upload every file (under the key `under`) changed here since last seen, results.json last and only over
+        the version pulled."""
+        self._upload([k for k in self._changed_keys(under) if k != RESULTS])
+        if not under and RESULTS in self._changed_keys():
             self._push_results(rerender)
             self._upload(self._changed_keys())  # the tables, when a merge rendered them again
         self._save()
@@ -155,8 +187,8 @@ class Mirror:
         st = path.stat()
         return seen is None or (st.st_size, st.st_mtime_ns) != (seen["size"], seen["mtime_ns"])
 
-    def _changed_keys(self) -> list[str]:
-        keys = (p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
+    def _changed_keys(self, under: str = "") -> list[str]:
+        keys = (p.relative_to(self.folder).as_posix() for p in (self.folder / under).rglob("*") if p.is_file())
         return [k for k in keys if not k.startswith(LOCAL_ONLY) and self._changed(k)]
 
     def _upload(self, keys: list[str]) -> None:

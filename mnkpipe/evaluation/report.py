@@ -96,11 +96,11 @@ def report(store=None, out=None, x: str = "tasks", plot_methods=None) -> dict:
     returns the local paths and 'where' the results are."""
     loc = results_location(store, out)
     with local_results(loc, progress=False,
-                       rerender=lambda folder: render(folder, x=x, store=store, plot_methods=plot_methods)) as folder:
-        if loc.is_s3 and not (folder / "results.json").exists():
+                       rerender=lambda folder: render(folder, x=x, store=store, plot_methods=plot_methods)) as local:
+        if loc.is_s3 and not (local.folder / "results.json").exists():
             raise FileNotFoundError(f"no results.json at {loc.url}: run `mnkpipe evaluate` (and `mnkpipe baselines`) "
                                     "first")
-        paths = render(folder, x=x, store=store, plot_methods=plot_methods)
+        paths = render(local.folder, x=x, store=store, plot_methods=plot_methods)
     return dict(paths, where=loc.url)
 
 
