@@ -13,7 +13,7 @@ import pytest
 from test_baselines_store import TINY
 
 from mnkpipe.evaluation.baselines_run import baseline_settings, run_baselines
-from mnkpipe.evaluation.mirror import Mirror, results_location
+from mnkpipe.evaluation.mirror import Mirror, local_results, results_location
 from mnkpipe.pipeline.local import compute_local
 from mnkpipe.store.location import object_store, parse_location
 from support.seaweed import start_seaweed
@@ -170,3 +170,19 @@ def test_results_prefixes_that_are_not_mnkpipes_or_inside_the_store_are_refused(
     r = cli(env, "report", "--out", "gs://bucket/results")
     assert r.returncode != 0 and "--out gs://bucket/results" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert objects() == before
+
+
+def test_a_failed_command_still_pushes_what_it_finished_and_a_pull_follows_removals(env, tmp_path):
+    loc = parse_location(f"s3://{BUCKET}/failed/results")
+    with pytest.raises(RuntimeError, match="stopped"):
+        with local_results(loc, progress=False) as local:
+            group = local.folder / "phi" / "g"
+            group.mkdir(parents=True)
+            (group / "zarr.json").write_text("{}")
+            (local.folder / ".locks").mkdir()
+            (local.folder / ".locks" / "phi-g.lock").write_text("")
+            raise RuntimeError("stopped")
+    assert set(objects("failed/")) == {"failed/results/phi/g/zarr.json", "failed/results/.mnkpipe-results"}
+    obstore.delete(object_store(loc, prefix=""), "failed/results/phi/g/zarr.json")  # removed there by someone
+    with local_results(loc, progress=False) as local:
+        assert not (local.folder / "phi" / "g" / "zarr.json").exists()  # and so here, as this copy had it unchanged
