@@ -181,8 +181,10 @@ def test_a_failed_command_still_pushes_what_it_finished_and_a_pull_follows_remov
             (group / "zarr.json").write_text("{}")
             (local.folder / ".locks").mkdir()
             (local.folder / ".locks" / "phi-g.lock").write_text("")
+            (group / f"c.{'0' * 32}.partial").write_text("")  # what killed writers leave
+            (local.folder / ".results.json.x1y2.tmp").write_text("")
             raise RuntimeError("stopped")
-    assert set(objects("failed/")) == {"failed/results/phi/g/zarr.json", "failed/results/.mnkpipe-results"}
+    assert set(objects("failed/")) == {"failed/results/phi/g/zarr.json", "failed/results/.mnkpipe-results"}  # only
     obstore.delete(object_store(loc, prefix=""), "failed/results/phi/g/zarr.json")  # removed there by someone
     with local_results(loc, progress=False) as local:
         assert not (local.folder / "phi" / "g" / "zarr.json").exists()  # and so here, as this copy had it unchanged

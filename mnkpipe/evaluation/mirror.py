@@ -22,7 +22,7 @@ from ..data._io import default_cache_dir
 from ..files import atomic_write, atomic_write_text, read_json
 from ..store import StoreError
 from ..store.location import URL_SCHEME, Location, parse_location
-from ..store.storage import ObjectStorage
+from ..store.storage import ZARR_PARTIAL, ObjectStorage
 from .derived import LOCKS, PARTIAL, RESULTS_FORMAT, RESULTS_MARKER
 from .results import check_same_store, results_dir
 
@@ -188,7 +188,11 @@ class Mirror:
         return seen is None or (st.st_size, st.st_mtime_ns) != (seen["size"], seen["mtime_ns"])
 
     def _changed_keys(self, under: str = "") -> list[str]:
-        keys = (p.relative_to(self.folder).as_posix() for p in (self.folder / under).rglob("*") if p.is_file())
+        """Files changed here, less what is never pushed: locks, groups being built, and the temporary files a
+        killed writer left (files.atomic_write's .NAME.*.tmp, zarr's NAME.<hex>.partial)."""
+        files = [p for p in (self.folder / under).rglob("*") if p.is_file() and not ZARR_PARTIAL.search(p.name)
+                 and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        keys = (p.relative_to(self.folder).as_posix() for p in files)
         return [k for k in keys if not k.startswith(LOCAL_ONLY) and self._changed(k)]
 
     def _upload(self, keys: list[str]) -> None:
