@@ -37,14 +37,10 @@ def env(s3, omniglot_root, tmp_path_factory):
     """The admin's AWS variables and a private MNKPIPE_CACHE, set in this process too while the module runs."""
     extra = dict(s3.env(), MNKPIPE_DATA=str(omniglot_root), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
                  MNKPIPE_CACHE=str(tmp_path_factory.mktemp("cache")))
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    yield dict(os.environ)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in extra.items():
+            mp.setenv(k, v)
+        yield dict(os.environ)
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,10 @@ def env(s3, omniglot_root):
     """The environment of the commands (the S3 server's AWS variables), also set in this process while the module
     runs, so that store_status and open_store here reach the same server."""
     extra = dict(s3.env(), MNKPIPE_DATA=str(omniglot_root), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    yield dict(os.environ)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in extra.items():
+            mp.setenv(k, v)
+        yield dict(os.environ)
 
 
 def cli(env, *args) -> subprocess.CompletedProcess:
