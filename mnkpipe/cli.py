@@ -323,7 +323,8 @@ def evaluate_cmd(store, train_tasks, seeds, out, methods, labels, augment, confi
 
     Never writes into the store (it may be read-only): the meta-kernel arrays and the extractors' checkpoints live
     under the results folder, keyed by their settings, so a rerun or a sweep reuses them. Writes results.json,
-    results.csv, results.md and accuracy.png there.
+    results.csv, results.md and accuracy.png there. For a store on S3 the results folder is <store>-results on the
+    same object store (worked on through a local copy under $MNKPIPE_CACHE; docs/cluster.md), or a local --out.
     """
     from .evaluation.evaluate import EvaluateSettings, evaluate
     _api(lambda: evaluate(store, EvaluateSettings(
