@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from mnkpipe.store import StoreError, StoreLockedError
+from mnkpipe.store.paths import store_location
 from mnkpipe.store.location import ObjectLock, object_store, parse_location, probe_conditional_writes, zarr_store
 from support.seaweed import start_seaweed
 
@@ -35,6 +36,7 @@ def test_locations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert parse_location("runs/x.zarr").path == tmp_path / "runs" / "x.zarr"
     assert parse_location("file:///data/x.zarr").path.as_posix() == "/data/x.zarr"
+    assert store_location(f"file://{tmp_path}/runs/x.zarr") == tmp_path / "runs" / "x.zarr"  # not ./file:/...
     s3 = parse_location("s3://bucket/runs/x.zarr/")
     assert (s3.bucket, s3.prefix, s3.url) == ("bucket", "runs/x.zarr", "s3://bucket/runs/x.zarr")
     assert s3.sibling("-results").url == "s3://bucket/runs/x.zarr-results"
