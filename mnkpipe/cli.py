@@ -5,6 +5,7 @@ import logging
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 
 import click
@@ -52,8 +53,10 @@ class _StoreFolder(click.Path):
 
 def _stop(message: str, code: int):
     """The one line of a stop. Ray's event loop, cut off mid-start, would log "Task was destroyed but it is pending!"
-    for each of its tasks as the interpreter exits: that is teardown, not news, so asyncio's log is closed first."""
+    for each of its tasks as the interpreter exits, and a zarr call cut off before its coroutine ran would warn that
+    the coroutine was never awaited: that is teardown, not news, so both are silenced first."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     click.echo(f"\n{message}: {INTERRUPTED}.", err=True)
     raise click.exceptions.Exit(code)
 

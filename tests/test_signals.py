@@ -52,6 +52,17 @@ elif moment == "save":  # a checkpoint's temporary file is written, not yet rena
         mark(moment)
         time.sleep(5)
     torch.save = save
+elif moment == "zarr":  # inside zarr's sync() of a coroutine before it runs: a stop leaves it never awaited
+    import zarr.core.array, zarr.core.group, zarr.core.sync
+    real_sync, first = zarr.core.sync.sync, [True]
+    def sync(coro, *a, **kw):
+        if first[0]:
+            first[0] = False
+            mark(moment)
+            time.sleep(5)
+        return real_sync(coro, *a, **kw)
+    for m in (zarr.core.sync, zarr.core.array, zarr.core.group):
+        m.sync = sync
 from mnkpipe.cli import main
 if moment in ("parse-group", "parse-command"):  # inside click's parsing of the group's or the command's arguments
     import click
@@ -131,7 +142,7 @@ def assert_stopped(r, sig, folder: Path):
     assert left == [] and not (folder / "s.zarr.lock").exists(), left
 
 
-@pytest.mark.parametrize("moment", ["start", "ray-init", "ray-down"])
+@pytest.mark.parametrize("moment", ["start", "ray-init", "ray-down", "zarr"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_compute_kernel_stops_cleanly_at_any_moment(tmp_path, env, moment, sig):
     """Mid-run is tests/test_compute.py's; here the moments around it: imports, Ray starting, Ray shut down."""
