@@ -51,12 +51,19 @@ class _StoreFolder(click.Path):
         return place if isinstance(place, str) else super().convert(str(place), param, ctx)
 
 
-def _stop(message: str, code: int):
-    """The one line of a stop. Ray's event loop, cut off mid-start, would log "Task was destroyed but it is pending!"
-    for each of its tasks as the interpreter exits, and a zarr call cut off before its coroutine ran would warn that
-    the coroutine was never awaited: that is teardown, not news, so both are silenced first."""
+def _quiet_teardown():
+    """Silence what the event loops of Ray and zarr say while the interpreter exits after a command: Ray's loop, cut
+    off mid-start, logs "Task was destroyed but it is pending!" for each of its tasks; a zarr call cut off before its
+    coroutine ran warns that it was never awaited; a zarr task still running when the thread pools shut down logs
+    "Task exception was never retrieved" with a traceback. That is teardown, not news: the command has said its
+    line."""
     logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
     warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
+def _stop(message: str, code: int):
+    """The one line of a stop, teardown silenced first."""
+    _quiet_teardown()
     click.echo(f"\n{message}: {INTERRUPTED}.", err=True)
     raise click.exceptions.Exit(code)
 
@@ -71,6 +78,7 @@ class _Commands(click.Group):
         try:
             return super().main(*args, **kwargs)
         finally:
+            _quiet_teardown()
             if main_thread:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
