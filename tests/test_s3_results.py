@@ -163,6 +163,8 @@ def test_results_prefixes_that_are_not_mnkpipes_or_inside_the_store_are_refused(
     assert r.returncode == 1 and "not make" in r.stderr and f"s3://{BUCKET}/theirs" in r.stderr, r.stderr
     with pytest.raises(ValueError, match="inside the store"):
         results_location(store_url, f"{store_url}/results")
+    r = cli(env, "report", "--store", f"s3://{BUCKET}/none/store.zarr")  # no results there
+    assert r.returncode == 1 and f"no results.json at s3://{BUCKET}/none/store.zarr-results" in r.stderr, r.stderr
     r = cli(env, "report", "--out", "gs://bucket/results")
     assert r.returncode != 0 and "--out gs://bucket/results" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert objects() == before

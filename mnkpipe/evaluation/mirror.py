@@ -151,8 +151,10 @@ class Mirror:
     def push(self, rerender=None, under: str = "") -> None:
         """Upload every file (under the key `under`) changed here since last seen, results.json last and only over
         the version pulled."""
-        self._upload([k for k in self._changed_keys(under) if k != RESULTS])
-        if not under and RESULTS in self._changed_keys():
+        changed = self._changed_keys(under)
+        if changed != [RESULTS_MARKER]:  # the marker alone is no result: a command that made nothing writes nothing
+            self._upload([k for k in changed if k != RESULTS])
+        if not under and RESULTS in changed:
             self._push_results(rerender)
             self._upload(self._changed_keys())  # the tables, when a merge rendered them again
         self._save()
@@ -196,9 +198,10 @@ class Mirror:
         return [k for k in keys if not k.startswith(LOCAL_ONLY) and self._changed(k)]
 
     def _upload(self, keys: list[str]) -> None:
-        """PUT each key's file whole: Zarr metadata, then chunks, then tile records (X_crc32), then results.json."""
+        """PUT each key's file whole: the marker (the prefix is mnkpipe's), Zarr metadata, then chunks, then tile
+        records (X_crc32), then results.json."""
         def order(k):
-            return (k == RESULTS, "_crc32/" in k, not k.endswith("zarr.json"), k)
+            return (k != RESULTS_MARKER, k == RESULTS, "_crc32/" in k, not k.endswith("zarr.json"), k)
         keys = sorted(keys, key=order)
         bar = tqdm(keys, desc=f"push {self.loc.url}", unit="object", disable=not self.progress or len(keys) < 20)
         for i, key in enumerate(bar):
