@@ -186,3 +186,16 @@ def test_a_failed_command_still_pushes_what_it_finished_and_a_pull_follows_remov
     obstore.delete(object_store(loc, prefix=""), "failed/results/phi/g/zarr.json")  # removed there by someone
     with local_results(loc, progress=False) as local:
         assert not (local.folder / "phi" / "g" / "zarr.json").exists()  # and so here, as this copy had it unchanged
+
+
+def test_a_group_shared_with_the_workers_is_pushed_with_the_marker(env, tmp_path):
+    """The workers write a meta-kernel group's tiles on S3 after its files were pushed: the marker goes with them,
+    so a prefix whose run dies then is still known as mnkpipe's."""
+    loc = parse_location(f"s3://{BUCKET}/shared/results")
+    with local_results(loc, progress=False) as local:
+        group = local.folder / "phi" / "h"
+        group.mkdir(parents=True)
+        (group / "zarr.json").write_text("{}")
+        with local.shared(group) as target:
+            assert target == f"s3://{BUCKET}/shared/results/phi/h"
+            assert set(objects("shared/")) == {"shared/results/phi/h/zarr.json", "shared/results/.mnkpipe-results"}

@@ -152,8 +152,11 @@ class Mirror:
         """Upload every file (under the key `under`) changed here since last seen, results.json last and only over
         the version pulled."""
         changed = self._changed_keys(under)
-        if changed != [RESULTS_MARKER]:  # the marker alone is no result: a command that made nothing writes nothing
-            self._upload([k for k in changed if k != RESULTS])
+        if not changed or changed == [RESULTS_MARKER]:  # the marker alone is no result: nothing made, nothing written
+            return
+        if RESULTS_MARKER not in changed and self._changed(RESULTS_MARKER):
+            changed.append(RESULTS_MARKER)  # pushed first with anything: the prefix is then known as mnkpipe's
+        self._upload([k for k in changed if k != RESULTS])
         if not under and RESULTS in changed:
             self._push_results(rerender)
             self._upload(self._changed_keys())  # the tables, when a merge rendered them again
