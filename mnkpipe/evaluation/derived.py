@@ -12,7 +12,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..keys import settings_key
-from ..store.location import URL_SCHEME
+from ..store.location import is_url
 
 RESULTS_MARKER = ".mnkpipe-results"  # written into a results folder when mnkpipe creates or first uses it
 RESULTS_FORMAT = "mnkpipe-results/1"
@@ -41,10 +41,6 @@ def store_gram_key(store) -> str:
 def store_where(store) -> str:
     """How results name a store: its URL on object storage, its resolved folder on local disk."""
     return store.path if isinstance(store.path, str) else str(Path(store.path).resolve())
-
-
-def is_url(where) -> bool:
-    return bool(URL_SCHEME.match(str(where)))
 
 
 def made_by_mnkpipe(folder: Path) -> bool:

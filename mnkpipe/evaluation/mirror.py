@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..data._io import default_cache_dir
 from ..files import atomic_write, atomic_write_text, read_json
 from ..store import StoreError
-from ..store.location import URL_SCHEME, Location, parse_location
+from ..store.location import Location, is_url, parse_location
 from ..store.storage import ZARR_PARTIAL, ObjectStorage
 from .derived import LOCKS, PARTIAL, RESULTS_FORMAT, RESULTS_MARKER
 from .results import check_same_store, results_dir
@@ -38,7 +38,7 @@ def results_location(store=None, out=None) -> Location:
     if store is None and out is None:
         raise ValueError("give --store or --out")
     store_loc = parse_location(store) if store is not None else None
-    if out is not None and URL_SCHEME.match(str(out)):
+    if out is not None and is_url(out):
         loc = parse_location(out, "--out")
     elif store_loc is not None and store_loc.is_s3 and out is None:
         loc = store_loc.sibling("-results")

@@ -3,6 +3,7 @@ the number of training tasks or characters."""
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 
 from filelock import FileLock
@@ -95,12 +96,12 @@ def report(store=None, out=None, x: str = "tasks", plot_methods=None) -> dict:
     """render() of the results at --out, else at <store>-results (a local folder, or on the store's object store);
     returns the local paths and 'where' the results are."""
     loc = results_location(store, out)
-    with local_results(loc, progress=False,
-                       rerender=lambda folder: render(folder, x=x, store=store, plot_methods=plot_methods)) as local:
+    draw = partial(render, x=x, store=store, plot_methods=plot_methods)
+    with local_results(loc, progress=False, rerender=draw) as local:
         if loc.is_s3 and not (local.folder / "results.json").exists():
             raise FileNotFoundError(f"no results.json at {loc.url}: run `mnkpipe evaluate` (and `mnkpipe baselines`) "
                                     "first")
-        paths = render(local.folder, x=x, store=store, plot_methods=plot_methods)
+        paths = draw(local.folder)
     return dict(paths, where=loc.url)
 
 

@@ -43,6 +43,11 @@ class Location:
         return Location(str(self.path) + suffix, path=self.path.with_name(self.path.name + suffix))
 
 
+def is_url(text) -> bool:
+    """Whether text starts with a URL scheme (s3://, file://, gs://, ...), supported or not."""
+    return bool(URL_SCHEME.match(str(text)))
+
+
 def parse_location(text, option: str = "--store") -> Location:
     """Location of `--store TEXT` (or another option's): s3://BUCKET/PREFIX, file:///PATH or a plain path (made
     absolute); StoreError naming the option for any other URL scheme or an s3 URL without a bucket and a prefix."""

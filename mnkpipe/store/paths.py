@@ -4,7 +4,7 @@ itself), or s3://BUCKET/PREFIX."""
 import os
 from pathlib import Path
 
-from .location import URL_SCHEME, parse_location
+from .location import is_url, parse_location
 from .errors import StoreError
 
 
@@ -32,4 +32,4 @@ def store_location(text) -> Path | str:
     loc = parse_location(text)
     if loc.is_s3:
         return loc.url
-    return store_folder(loc.path if URL_SCHEME.match(str(text)) else text)  # file:///PATH: its path
+    return store_folder(loc.path if is_url(text) else text)  # file:///PATH: its path

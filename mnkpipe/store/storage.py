@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .location import (URL_SCHEME, Location, ObjectLock, describe_unreachable, object_store, parse_location,
+from .location import (Location, ObjectLock, describe_unreachable, is_url, object_store, parse_location,
                        probe_conditional_writes, zarr_store)
 from .lock import StoreLock, owner_state
 from .errors import StoreError
@@ -206,7 +206,7 @@ def open_storage(where) -> Storage:
     """The storage of a store: `where` is a Storage, a local path (kept as given) or a URL (parse_location)."""
     if isinstance(where, (LocalStorage, ObjectStorage)):
         return where
-    if isinstance(where, Path) or not URL_SCHEME.match(str(where)):
+    if isinstance(where, Path) or not is_url(where):
         return LocalStorage(where)
     loc = parse_location(where)
     return ObjectStorage(loc) if loc.is_s3 else LocalStorage(loc.path)
