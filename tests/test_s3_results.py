@@ -16,7 +16,7 @@ from mnkpipe.evaluation.baselines_run import baseline_settings, run_baselines
 from mnkpipe.evaluation.mirror import Mirror, local_results, results_location
 from mnkpipe.pipeline.local import compute_local
 from mnkpipe.store.location import object_store, parse_location
-from support.seaweed import start_seaweed
+from support.seaweed import commands_env, start_seaweed
 
 BUCKET = "mnkpipe-results"
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
@@ -35,12 +35,8 @@ def s3():
 @pytest.fixture(scope="module")
 def env(s3, omniglot_root, tmp_path_factory):
     """The admin's AWS variables and a private MNKPIPE_CACHE, set in this process too while the module runs."""
-    extra = dict(s3.env(), MNKPIPE_DATA=str(omniglot_root), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
-                 MNKPIPE_CACHE=str(tmp_path_factory.mktemp("cache")))
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in extra.items():
-            mp.setenv(k, v)
-        yield dict(os.environ)
+    with commands_env(s3, MNKPIPE_DATA=str(omniglot_root), MNKPIPE_CACHE=str(tmp_path_factory.mktemp("cache"))) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """A Gram store on S3: compute-kernel, status and verify [--repair] against a real SeaweedFS server
 (tests/support/seaweed.py), with real Ray workers, a real SIGKILL of the driver, and a local-disk run to compare."""
 
-import os
 import re
 import shutil
 import signal
@@ -24,7 +23,7 @@ from mnkpipe.store import CREATION_MARKER, StoreError, open_store
 from mnkpipe.store.location import ObjectLock, object_store, parse_location
 from mnkpipe.workers.tile import CNTKSource, StoreNotShared, TileComputer
 from support.naive_s3 import start_naive_s3
-from support.seaweed import start_seaweed
+from support.seaweed import commands_env, start_seaweed
 
 BUCKET = "mnkpipe-test"
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
@@ -40,12 +39,9 @@ def s3():
 @pytest.fixture(scope="module")
 def env(s3, omniglot_root):
     """The environment of the commands (the S3 server's AWS variables), also set in this process while the module
-    runs, so that store_status and open_store here reach the same server."""
-    extra = dict(s3.env(), MNKPIPE_DATA=str(omniglot_root), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in extra.items():
-            mp.setenv(k, v)
-        yield dict(os.environ)
+    runs."""
+    with commands_env(s3, MNKPIPE_DATA=str(omniglot_root)) as env:
+        yield env
 
 
 def cli(env, *args) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,18 @@ class SeaweedS3:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def commands_env(server: SeaweedS3, **extra):
+    """with commands_env(server, NAME=value, ...) as env: -- the environment of mnkpipe commands against server (its
+    admin's AWS variables, RAY_AUTH_MODE=disabled, PYTHONUNBUFFERED=1 and extra), also set in this process while
+    the block runs, so that open_store and store_status here reach the same server."""
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(server.env(), RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", **extra).items():
+            mp.setenv(k, v)
+        yield dict(os.environ)
 
 
 def start_seaweed(folder=None, bucket: str = "mnkpipe-test") -> SeaweedS3:
